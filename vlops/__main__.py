@@ -1,0 +1,3 @@
+from . import show_config
+
+print(show_config())

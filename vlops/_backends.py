@@ -1,0 +1,148 @@
+"""Which implementations exist on this machine, and which one an op uses.
+
+Backends: ``reference`` (eager PyTorch, any device), ``cpu`` (C++ in vlops._C, CPU tensors),
+``triton`` (kernels/, CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``), ``cuda``
+(CUDA C++ in vlops._C, CUDA tensors). ``auto`` picks per call from the tensors' device.
+
+Selection, strongest first: ``with vlops.use_backend(name):``, then ``VLOPS_BACKEND=name``, then
+``auto``. Asking for a backend that cannot run the call raises :class:`BackendUnavailableError`
+with the reason.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("vlops_backend", default=None)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this call; the message says why."""
+
+
+def _check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{what} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops inside the block with backend ``name`` (one of :data:`BACKENDS`)."""
+    token = _override.set(_check_name(name, "backend"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def requested_backend() -> str:
+    """The backend asked for now: context manager, else ``VLOPS_BACKEND``, else ``auto``."""
+    name = _override.get()
+    if name is not None:
+        return name
+    env = os.environ.get("VLOPS_BACKEND", "").strip()
+    if env:
+        return _check_name(env, "VLOPS_BACKEND")
+    return "auto"
+
+
+@functools.lru_cache(maxsize=None)
+def _extension():
+    """(module or None, reason)."""
+    try:
+        from vlops import _C  # noqa: F401
+    except ImportError as e:  # not built
+        return None, f"the compiled extension vlops._C is not built ({e}); run `pip install -e .` with a compiler"
+    return _C, ""
+
+
+def extension():
+    """The compiled extension module, or None."""
+    return _extension()[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_reason() -> str:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e})"
+    return ""
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(name: str, device: torch.device | None = None) -> str:
+    """Empty string if backend ``name`` can run on ``device`` (or on some device if None), else why not."""
+    dev = None if device is None else torch.device(device).type
+    if name == "reference":
+        return ""
+    if name == "cpu":
+        mod, why = _extension()
+        if mod is None:
+            return why
+        if dev not in (None, "cpu"):
+            return f"the cpu backend runs on CPU tensors, got {dev} tensors"
+        return ""
+    if name == "triton":
+        why = _triton_reason()
+        if why:
+            return why
+        if dev == "cpu" or (dev is None and not torch.cuda.is_available()):
+            if triton_interpret():
+                return ""
+            return "triton runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1)"
+        if dev is None or dev == "cuda":
+            return "" if torch.cuda.is_available() else "no CUDA device is available"
+        return f"triton does not run on {dev} tensors"
+    if name == "cuda":
+        mod, why = _extension()
+        if mod is None:
+            return why
+        if not mod.has_cuda():
+            return "vlops._C was built without its CUDA part (" + mod.cuda_build_note() + ")"
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        if dev not in (None, "cuda"):
+            return f"the cuda backend runs on CUDA tensors, got {dev} tensors"
+        return ""
+    if name == "auto":
+        return ""
+    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
+def available(name: str, device: torch.device | None = None) -> bool:
+    return unavailable_reason(name, device) == ""
+
+
+# Preference of ``auto`` on CUDA tensors, per op: fastest measured first (benchmarks/results).
+AUTO_CUDA_ORDER: dict[str, tuple[str, ...]] = {
+    "diffusion_step": ("cuda", "triton"),
+}
+
+
+def resolve(op: str, device: torch.device) -> str:
+    """The backend that runs ``op`` on tensors of ``device`` now."""
+    name = requested_backend()
+    dev = torch.device(device)
+    if name != "auto":
+        why = unavailable_reason(name, dev)
+        if why:
+            raise BackendUnavailableError(f"vlops backend {name!r} cannot run {op} on {dev.type}: {why}")
+        return name
+    if dev.type == "cpu":
+        return "cpu" if available("cpu", dev) else "reference"
+    if dev.type == "cuda":
+        for cand in AUTO_CUDA_ORDER.get(op, ("triton", "cuda")):
+            if available(cand, dev):
+                return cand
+    return "reference"

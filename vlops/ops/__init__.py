@@ -1,0 +1,1 @@
+"""Custom-op layer: one module per op (schema, fake kernel, autograd, device dispatch)."""
