@@ -30,7 +30,7 @@ Element-wise definition (per sample ``b``, element ``i`` of the first ``C`` chan
                    sqrt(beta)                        fixed_large
                    sqrt(v)                           learned        (v = model_output[b, C + i])
                    exp(0.5 (f log beta + (1-f) log var)), f = (v + 1) / 2     learned_range
-    DDIM: eps = e (epsilon), (x - sqrt(ab) e_raw) / sqrt(bp) (sample), sqrt(ab) e + sqrt(bp) x (v)
+    DDIM: eps = e (epsilon), (x - sqrt(ab) e) / sqrt(bp) (sample), sqrt(ab) e + sqrt(bp) x (v)
           if use_clipped_model_output: eps = (x - sqrt(ab) x0) / sqrt(bp)
           std = eta * sqrt(bp_prev / bp * (1 - ab / ab_prev))
           prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - std^2) eps
