@@ -1,0 +1,78 @@
+"""The op registry of the benchmark runner.
+
+Each module named in :data:`MODULES` provides::
+
+    def cases(device: torch.device, quick: bool, sizes: set[str] | None, dtypes: list[torch.dtype] | None)
+        -> Iterable[Case]
+
+- ``device``: where to run; the module skips cases that make no sense there (e.g. CUDA-only sizes).
+- ``quick``: small sizes and few cases, for ``--quick`` (the whole quick run must stay under 2 min on
+  a 2-core CPU).
+- ``sizes``: None for the module's defaults, else the size labels asked for (``--sizes``). A module
+  may also accept literal shapes such as ``2x4x16x16``.
+- ``dtypes``: None for the module's defaults, else the dtypes asked for (``--dtypes``).
+
+A :class:`Case` is one (op, case, dtype, size, pass). The runner calls ``make()`` once per input set
+(several when the inputs fit in the cache, to rotate among them), then for every implementation
+``setup(impl, inputs)`` once per input set outside the timed region (by default the identity; a
+backward case runs its forward there), and times ``eager(state)`` and ``fused(state)``; ``fused`` is
+called inside ``vlops.use_backend(backend)`` (the context is entered outside the timed region).
+
+To add an op: write ``benchmarks/cases/<op>.py`` with ``cases(...)`` and add its name to ``MODULES``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, Optional
+
+import torch
+
+#: case modules, in the order they run (``--ops`` selects among them)
+MODULES = ("diffusion",)
+
+PASSES = ("forward", "backward", "forward+backward")
+
+
+@dataclasses.dataclass
+class Case:
+    name: str  # short case name, unique within the op, e.g. "ddpm_cfg_clip"
+    op: str  # the op (registry module) name, e.g. "diffusion"
+    dtype: torch.dtype
+    size: str  # size label, e.g. "16x4x128x128"
+    pass_: str  # one of PASSES
+    make: Callable[[], Any]  # fresh inputs (one input set)
+    eager: Callable[[Any], Any]  # the eager baseline on one input set (after setup)
+    fused: Callable[[Any], Any]  # the vlops call on one input set (after setup), run under use_backend
+    floor_bytes: float  # bytes that must move (read + written) for one call
+    floor_flops: float = 0.0  # flops that must be done for one call (0: bandwidth-bound op)
+    eager_label: str = "eager"  # what the baseline is, e.g. "diffusers" or "reference-eager"
+    # optional: per-implementation preparation outside the timed region: setup(impl, inputs) -> state,
+    # impl is "eager" or a backend name (run under use_backend for backends)
+    setup: Optional[Callable[[str, Any], Any]] = None
+    # optional: on CUDA, also time a CUDA-graph replay of this callable (captured under the backend)
+    graph_fused: Optional[Callable[[Any], Any]] = None
+    # optional: restrict the fused backends (None: every one the runner selects)
+    backends: Optional[tuple[str, ...]] = None
+    # optional: check(eager_out, fused_out) -> relative error of the outputs that must agree (recorded
+    # in the CSV as check_relerr, so a fast but wrong kernel shows)
+    check: Optional[Callable[[Any, Any], float]] = None
+    note: str = ""  # free text written to the CSV (e.g. the options of the case)
+
+    def __post_init__(self):
+        if self.pass_ not in PASSES:
+            raise ValueError(f"pass_ must be one of {PASSES}, got {self.pass_!r}")
+
+    @property
+    def matmul(self) -> bool:
+        return self.floor_flops > 0
+
+
+def load(name: str):
+    if name not in MODULES:
+        raise ValueError(f"unknown op {name!r}; registered: {', '.join(MODULES)}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

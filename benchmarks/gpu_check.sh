@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# One check of the project on a lent GPU machine (H200: python3 3.12, torch 2.11 / CUDA 13.0, triton 3.6,
+# nvcc 13.0, ninja, pybind11, pytest; no internet).
+#
+#   bash benchmarks/gpu_check.sh OUTDIR        (OUTDIR defaults to $OUT, else ./gpu_out)
+#
+# Stages (each under `timeout`, all within GPU_CHECK_BUDGET seconds, default 450; a failed stage does not
+# stop the next one; a summary of the stages ends the log):
+#   info       nvidia-smi, versions
+#   wheels     if .whl/*.whl exist (e.g. diffusers and the pure-Python packages it imports), install them
+#              with pip --no-index --no-deps into /tmp/site and put that first on PYTHONPATH
+#   build      VLOPS_BUILD_CUDA=1 pip install --no-build-isolation --no-deps -e . (timed); if pip fails,
+#              python3 setup.py build_ext --inplace
+#   backends   python3 -m vlops (backend availability)
+#   gpu-tests  python3 -m pytest -m gpu -x -q
+#   bench      python3 benchmarks/run.py --device cuda --out OUTDIR (all ops, full sizes)
+#   op-tests   the diffusion op's full test suite (CUDA cases included when a GPU is present)
+#
+# Files written to OUTDIR (at most 8 come back): log.txt (everything), summary.txt, and the runner's
+# <device>.csv, <device>.png, <device>.txt.
+set -u
+
+OUTDIR="${1:-${OUT:-gpu_out}}"
+mkdir -p "$OUTDIR"
+OUTDIR="$(cd "$OUTDIR" && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 1
+LOG="$OUTDIR/log.txt"
+BUDGET="${GPU_CHECK_BUDGET:-450}"
+START=$(date +%s)
+SUMMARY=()
+
+# stage NAME MAX_SECONDS COMMAND...: run COMMAND under timeout (MAX_SECONDS, or what is left of the budget)
+stage() {
+    local name="$1" max="$2"
+    shift 2
+    local now left t s rc d status
+    now=$(date +%s)
+    left=$((START + BUDGET - now))
+    t=$((max < left ? max : left))
+    if ((t < 15)); then
+        SUMMARY+=("$(printf '%-10s SKIPPED (budget spent)' "$name")")
+        echo "=== [$name] skipped: ${left}s of the budget left"
+        return 99
+    fi
+    echo
+    echo "=== [$name] $(date -u +%H:%M:%S) timeout ${t}s: $*"
+    s=$(date +%s)
+    timeout -k 10 "$t" "$@"
+    rc=$?
+    d=$(($(date +%s) - s))
+    case $rc in
+        0) status="PASS" ;;
+        124 | 137) status="TIMEOUT after ${t}s" ;;
+        *) status="FAIL (exit $rc)" ;;
+    esac
+    SUMMARY+=("$(printf '%-10s %-22s %4ds' "$name" "$status" "$d")")
+    echo "=== [$name] $status in ${d}s"
+    return $rc
+}
+
+main() {
+    if ! command -v nvcc >/dev/null 2>&1; then  # the toolkit may sit in a versioned folder off PATH
+        for d in /usr/local/cuda /usr/local/cuda-13.0 /usr/local/cuda-13; do
+            if [ -x "$d/bin/nvcc" ]; then export CUDA_HOME="$d" PATH="$d/bin:$PATH"; break; fi
+        done
+    fi
+    echo "vlops gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ) in $ROOT -> $OUTDIR (budget ${BUDGET}s)"
+    git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "(not a git checkout)"
+
+    stage info 30 bash -c 'nvidia-smi; nvcc --version | tail -n 2; python3 --version;
+        python3 -c "import torch, sys; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda,
+            \"available\", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"\")";
+        python3 -c "import triton; print(\"triton\", triton.__version__)";
+        ninja --version; nproc; free -g | head -n 2'
+
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        stage wheels 60 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+        export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        echo "no .whl/*.whl carried: the benchmark baseline will be reference-eager (no diffusers)"
+    fi
+    export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    python3 -c "import diffusers; print('diffusers', diffusers.__version__)" 2>/dev/null || echo "diffusers: not importable"
+
+    export VLOPS_BUILD_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" PIP_BREAK_SYSTEM_PACKAGES=1 PIP_NO_INPUT=1
+    stage build 240 python3 -m pip install --no-build-isolation --no-deps -e .
+    rc=$?
+    if ((rc != 0 && rc != 124 && rc != 137 && rc != 99)); then
+        stage build_ext 200 python3 setup.py build_ext --inplace
+    fi
+    python3 -c "import vlops._C as c; print('vlops._C:', c.__file__, '| cuda part:', c.has_cuda())" ||
+        echo "vlops._C: not importable"
+
+    stage backends 60 python3 -m vlops
+    stage gpu-tests 100 python3 -m pytest -m gpu -x -q -p no:cacheprovider
+    stage bench 180 python3 benchmarks/run.py --device cuda --out "$OUTDIR" --verbose
+    local suite
+    suite=$(ls tests/test_diffusion*.py 2>/dev/null | tr '\n' ' ')
+    if [ -n "$suite" ]; then
+        # shellcheck disable=SC2086
+        stage op-tests 150 python3 -m pytest $suite -q -p no:cacheprovider -rfE --maxfail=20
+    else
+        SUMMARY+=("op-tests   SKIPPED (no tests/test_diffusion*.py)")
+    fi
+
+    echo
+    echo "=== summary ($(($(date +%s) - START))s of ${BUDGET}s)"
+    printf '%s\n' "${SUMMARY[@]}" | tee "$OUTDIR/summary.txt"
+    ls -la "$OUTDIR"
+}
+
+main 2>&1 | tee "$LOG"
+exit "${PIPESTATUS[0]}"
