@@ -87,6 +87,7 @@ class DiffusionSchedule:
         self.alphas_cumprod = alphas_cumprod.detach().to("cpu", torch.float32)
         self.prev_timesteps = torch.where(pt < 0, torch.full_like(pt, -1), pt)
         self.timesteps = None if timesteps is None else timesteps.detach().to("cpu", torch.int64)
+        self.valid_timesteps = None if timesteps is None else frozenset(self.timesteps.tolist())
         self._cache: dict = {}
 
     @property
@@ -185,14 +186,18 @@ def _prev_from_list(ts: torch.Tensor, T: int) -> torch.Tensor:
 def _timesteps(timestep, B: int, schedule: DiffusionSchedule, device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """int64 [1] or [B] tensor on ``device``; also the host values when known without a sync."""
     T = schedule.num_train_timesteps
+    if (isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu" and timestep.numel() == 1
+            and not timestep.dtype.is_floating_point and not torch.compiler.is_compiling()):
+        timestep = int(timestep)  # a 0-d host tensor, as pipelines pass scheduler.timesteps[i]
     if isinstance(timestep, bool):
         raise TypeError("timestep must be an int or an integer tensor, got bool")
     if isinstance(timestep, int):
         if not 0 <= timestep < T:
             raise ValueError(f"timestep must lie in [0, {T}) for this schedule, got {timestep}")
+        if schedule.valid_timesteps is not None and timestep not in schedule.valid_timesteps:
+            raise ValueError(f"timestep {timestep} is not one of the schedule's inference timesteps")
         host = torch.tensor([timestep], dtype=torch.int64)
-        if torch.compiler.is_compiling():
-            return host.to(device), None
+        return host.to(device), host
     elif isinstance(timestep, torch.Tensor):
         if timestep.dtype.is_floating_point or timestep.dtype.is_complex or timestep.dtype == torch.bool:
             if timestep.dtype.is_floating_point and timestep.device.type == "cpu" and bool(
@@ -323,10 +328,10 @@ def _step(mode, model_output, timestep, sample, schedule, *, guidance_scale, mod
             schedule.final_alpha_cumprod, seed)
     x0_scale = None
     if thresholding:  # first pass: the unclipped x0, for the per-sample quantile
-        _, x0_raw = _op.diffusion_step_op(*args, None, eps_scale, mode, g, pt, vt, False, clip_range, eta,
+        _, x0_raw = _op.diffusion_step(*args, None, eps_scale, mode, g, pt, vt, False, clip_range, eta,
                                           bool(use_clipped_model_output), schedule.final_alpha_cumprod, seed, True)
         x0_scale = _ref.threshold_scale(x0_raw, dynamic_thresholding_ratio, sample_max_value).float()
-    prev, x0 = _op.diffusion_step_op(*args, x0_scale, eps_scale, *tail, return_pred_original)
+    prev, x0 = _op.diffusion_step(*args, x0_scale, eps_scale, *tail, return_pred_original)
     prev = prev.view(sample.shape)
     return prev, (x0.view(sample.shape) if return_pred_original else None)
 

@@ -84,8 +84,7 @@ def _reference(eps, uncond, sample, noise, timesteps, prev_table, alphas_cumprod
     return prev.view(B, N), x0.view(B, N)
 
 
-@torch.library.custom_op("vlops::diffusion_step", mutates_args=())
-def diffusion_step_op(
+def diffusion_step_impl(
     eps: torch.Tensor,
     uncond: Optional[torch.Tensor],
     sample: torch.Tensor,
@@ -123,6 +122,17 @@ def diffusion_step_op(
                        out_prev, out_x0, mode, guidance_scale, prediction_type, variance_type, clip_sample,
                        clip_range, eta, use_clipped, final_alpha, seed)
     return out_prev, (out_x0 if return_x0 else sample.new_empty((0,)))
+
+
+diffusion_step_op = torch.library.custom_op("vlops::diffusion_step", diffusion_step_impl, mutates_args=())
+
+
+def diffusion_step(*args):
+    """Run the op: through the dispatcher when tracing (torch.compile, export), else straight to the
+    implementation (the same function; it saves the dispatcher's per-call cost on small latents)."""
+    if torch.compiler.is_compiling():
+        return diffusion_step_op(*args)
+    return diffusion_step_impl(*args)
 
 
 @diffusion_step_op.register_fake

@@ -200,7 +200,7 @@ def diffusion_step(
 
     if mode == "ddpm":
         a = ab / ab_prev
-        beta = 1 - a
+        beta = (ab_prev - ab) / ab_prev  # = 1 - a, without the cancellation near t = 0 in low precision
         prev = (ab_prev.sqrt() * beta / bp) * x0 + (a.sqrt() * bp_prev / bp) * x
         var = torch.clamp(bp_prev / bp * beta, min=1e-20)
         if variance_type == "fixed_small":
@@ -228,7 +228,7 @@ def diffusion_step(
             eps = ab.sqrt() * e + bp.sqrt() * x
         if use_clipped_model_output:
             eps = (x - ab.sqrt() * x0) / bp.sqrt()
-        std = eta * (bp_prev / bp * (1 - ab / ab_prev)).sqrt()
+        std = eta * (bp_prev / bp * ((ab_prev - ab) / ab_prev)).sqrt()
         prev = ab_prev.sqrt() * x0 + (1 - ab_prev - std**2).sqrt() * eps
         if eta > 0:
             prev = prev + std * noise
