@@ -9,9 +9,11 @@ For each case (op, case, size, dtype, pass) the eager baseline and every fused b
 the same run, interleaved call by call (rotating among several input sets when the inputs fit in the
 last-level cache), and for each one the runner reports:
 
-- time: median, p20, p80 in ms. CUDA: CUDA events around each call, the device synchronised before
-  each call (so launch overhead counts, as it does in a sampling loop). CPU: time.perf_counter
-  around each call. Warm-up first; enough repetitions for >= --min-time seconds per implementation.
+- time: median, p20, p80 in ms. CUDA: CUDA events around each call; by default the calls are
+  queued back to back as a program runs them (the host runs ahead, so host overhead is hidden
+  wherever the device is the bottleneck, and counts where it is not); with --sync-each the device
+  is synchronised before each call, so every call's host overhead and launch latency count. CPU:
+  time.perf_counter around each call. Warm-up first; enough repetitions for >= --min-time seconds per implementation.
 - peak memory beyond the inputs, in MB. CUDA: max_memory_allocated after reset_peak_memory_stats,
   minus memory_allocated before. CPU: the process peak RSS (VmHWM, reset through
   /proc/self/clear_refs after malloc_trim) minus VmRSS before: process RSS, so allocator effects
@@ -77,6 +79,8 @@ def _split(values):
 
 
 def git_commit() -> str:
+    if os.environ.get("VLOPS_COMMIT"):  # a copy of the tree without git metadata (a lent GPU machine)
+        return os.environ["VLOPS_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=10)
@@ -210,8 +214,11 @@ def peak_memory_mb(fn, device: torch.device) -> float:
         return float("nan")
 
 
+SYNC_EACH = False  # --sync-each
+
+
 class Timer:
-    """Times one call: CUDA events (device synchronised first) or perf_counter."""
+    """Times one call: CUDA events (the device synchronised first with --sync-each) or perf_counter."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -222,7 +229,8 @@ class Timer:
         if self.cuda:
             if flush is not None:
                 flush()
-            torch.cuda.synchronize(self.device)
+            if SYNC_EACH:
+                torch.cuda.synchronize(self.device)
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
@@ -688,6 +696,8 @@ def parse_args(argv=None):
     p.add_argument("--replot", metavar="CSV", help="only redraw the PNG of the latest run recorded in CSV (e.g. a "
                    "results file brought back from a machine without matplotlib), next to it or into --out")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+    p.add_argument("--sync-each", action="store_true", help="CUDA: synchronise before each timed call (latency "
+                   "with host overhead) instead of queueing calls back to back")
     return p.parse_args(argv)
 
 
@@ -755,6 +765,8 @@ def main(argv=None) -> int:
     def log(msg):
         print(msg, flush=True)
 
+    global SYNC_EACH
+    SYNC_EACH = bool(args.sync_each)
     backends, notes = select_backends(device, _split(args.backends))
     ceilings = {"cache_bytes": cache_bytes(device), "copy_gbps": float("nan") if args.list else measure_copy_gbps(device, args.quick)}
     header = [
@@ -763,7 +775,9 @@ def main(argv=None) -> int:
         + (f", {meta['threads']} threads, load average {meta['loadavg']}" if device.type == "cpu" else ""),
         f"measured copy bandwidth {ceilings['copy_gbps']:.1f} GB/s (read+write); last-level cache "
         f"{ceilings['cache_bytes'] / 2**20:.0f} MB; fused backends: {', '.join(backends) or 'none'}"
-        + ("; QUICK mode" if args.quick else ""),
+        + ("; QUICK mode" if args.quick else "")
+        + ("" if device.type == "cpu" else ("; timing: synchronised before each call" if SYNC_EACH
+                                            else "; timing: calls queued back to back")),
     ] + [f"note: {n}" for n in notes]
     for line in header:
         log(line)

@@ -452,9 +452,11 @@ def test_cuda_graph_capture_and_no_sync(backend):
     torch.cuda.synchronize()
     assert torch.equal(out, want)
     with vlops.use_backend(backend):
+        vlops.ddim_step(mo, int(t), x, sched, guidance_scale=7.5, eta=0.3, noise=noise)  # caches the schedule
         torch.cuda.set_sync_debug_mode("error")
-        try:
+        try:  # neither a device timestep nor an int one, nor the in-kernel noise, syncs with the host
             vlops.ddim_step(mo, t, x, sched, guidance_scale=7.5, eta=0.3, noise=noise)
+            vlops.ddim_step(mo, int(t), x, sched, guidance_scale=7.5, eta=0.3, seed=5)
         finally:
             torch.cuda.set_sync_debug_mode("default")
 

@@ -103,6 +103,14 @@ class DiffusionSchedule:
             self._cache[key] = hit
         return hit
 
+    def arange(self, device: torch.device) -> torch.Tensor:
+        """int64 [0, 1, ..., T-1] on ``device``, cached: an int timestep becomes a view into it."""
+        key = ("arange", torch.device(device))
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = torch.arange(self.num_train_timesteps, dtype=torch.int64, device=device)
+        return hit
+
     def __repr__(self):
         n = None if self.timesteps is None else self.timesteps.numel()
         return (f"DiffusionSchedule(num_train_timesteps={self.num_train_timesteps}, inference_steps={n}, "
@@ -196,8 +204,8 @@ def _timesteps(timestep, B: int, schedule: DiffusionSchedule, device) -> tuple[t
             raise ValueError(f"timestep must lie in [0, {T}) for this schedule, got {timestep}")
         if schedule.valid_timesteps is not None and timestep not in schedule.valid_timesteps:
             raise ValueError(f"timestep {timestep} is not one of the schedule's inference timesteps")
-        host = torch.tensor([timestep], dtype=torch.int64)
-        return host.to(device), host
+        # a view into a cached device arange: no host-to-device copy (a synchronising one) per step
+        return schedule.arange(device)[timestep:timestep + 1], torch.tensor([timestep], dtype=torch.int64)
     elif isinstance(timestep, torch.Tensor):
         if timestep.dtype.is_floating_point or timestep.dtype.is_complex or timestep.dtype == torch.bool:
             if timestep.dtype.is_floating_point and timestep.device.type == "cpu" and bool(
