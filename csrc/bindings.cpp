@@ -6,19 +6,15 @@
 #include <string>
 #include <vector>
 
+#include "diffusion_step_check.h"
+
 #ifndef VLOPS_CUDA_NOTE
 #define VLOPS_CUDA_NOTE "unknown (VLOPS_CUDA_NOTE was not defined by the build)"
 #endif
 
 namespace vlops {
 namespace cpu {
-void diffusion_step_cpu(const at::Tensor& eps, const std::optional<at::Tensor>& uncond, const at::Tensor& sample,
-                        const std::optional<at::Tensor>& noise, const at::Tensor& timesteps,
-                        const at::Tensor& prev_table, const at::Tensor& alphas_cumprod,
-                        const std::optional<at::Tensor>& x0_scale, const std::optional<at::Tensor>& eps_scale,
-                        const at::Tensor& out_prev, const std::optional<at::Tensor>& out_x0, int64_t mode,
-                        double guidance_scale, int64_t prediction_type, int64_t variance_type, bool clip_sample,
-                        double clip_range, double eta, bool use_clipped, double final_alpha, int64_t seed);
+void diffusion_step_cpu(VLOPS_DIFFUSION_STEP_PARAMS);
 at::Tensor philox4x32_cpu(const at::Tensor& counters, int64_t key0, int64_t key1);
 std::string cpu_isa();
 std::vector<std::string> cpu_isas_supported();
@@ -27,13 +23,7 @@ void set_cpu_isa(const std::string& name);
 
 #ifdef VLOPS_WITH_CUDA
 namespace cuda {
-void diffusion_step_cuda(const at::Tensor& eps, const std::optional<at::Tensor>& uncond, const at::Tensor& sample,
-                         const std::optional<at::Tensor>& noise, const at::Tensor& timesteps,
-                         const at::Tensor& prev_table, const at::Tensor& alphas_cumprod,
-                         const std::optional<at::Tensor>& x0_scale, const std::optional<at::Tensor>& eps_scale,
-                         const at::Tensor& out_prev, const std::optional<at::Tensor>& out_x0, int64_t mode,
-                         double guidance_scale, int64_t prediction_type, int64_t variance_type, bool clip_sample,
-                         double clip_range, double eta, bool use_clipped, double final_alpha, int64_t seed);
+void diffusion_step_cuda(VLOPS_DIFFUSION_STEP_PARAMS);
 }  // namespace cuda
 #endif
 }  // namespace vlops

@@ -12,6 +12,21 @@
 
 #include "diffusion_step_coef.h"
 
+// The launchers' parameter list: the kernel contract of vlops/ops/diffusion.py, shared by the
+// definitions in cpu/ and cuda/, their declarations in bindings.cpp, and check_step_args.
+#define VLOPS_DIFFUSION_STEP_PARAMS                                                                          \
+  const at::Tensor &eps, const std::optional<at::Tensor> &uncond, const at::Tensor &sample,                   \
+      const std::optional<at::Tensor> &noise, const at::Tensor &timesteps, const at::Tensor &prev_table,      \
+      const at::Tensor &alphas_cumprod, const std::optional<at::Tensor> &x0_scale,                            \
+      const std::optional<at::Tensor> &eps_scale, const at::Tensor &out_prev,                                 \
+      const std::optional<at::Tensor> &out_x0, int64_t mode, double guidance_scale, int64_t prediction_type,  \
+      int64_t variance_type, bool clip_sample, double clip_range, double eta, bool use_clipped,               \
+      double final_alpha, int64_t seed
+#define VLOPS_DIFFUSION_STEP_ARGS                                                                     \
+  eps, uncond, sample, noise, timesteps, prev_table, alphas_cumprod, x0_scale, eps_scale, out_prev, out_x0, \
+      mode, guidance_scale, prediction_type, variance_type, clip_sample, clip_range, eta, use_clipped,    \
+      final_alpha, seed
+
 namespace vlops {
 namespace ds {
 
@@ -88,13 +103,7 @@ inline void check_per_sample(const std::optional<at::Tensor>& t, const char* nam
 }
 
 // Checks every argument (shapes, dtypes, devices, contiguity, enum ranges); returns the sizes.
-inline StepShapes check_step_args(
-    const at::Tensor& eps, const std::optional<at::Tensor>& uncond, const at::Tensor& sample,
-    const std::optional<at::Tensor>& noise, const at::Tensor& timesteps, const at::Tensor& prev_table,
-    const at::Tensor& alphas_cumprod, const std::optional<at::Tensor>& x0_scale,
-    const std::optional<at::Tensor>& eps_scale, const at::Tensor& out_prev, const std::optional<at::Tensor>& out_x0,
-    int64_t mode, double guidance_scale, int64_t prediction_type, int64_t variance_type, bool clip_sample,
-    double clip_range, double eta, bool use_clipped, double final_alpha, int64_t seed, c10::DeviceType want) {
+inline StepShapes check_step_args(VLOPS_DIFFUSION_STEP_PARAMS, c10::DeviceType want) {
   StepShapes s;
   VLOPS_CHECK(sample.device().type() == want, "vlops diffusion_step: sample must be a ",
               c10::DeviceTypeName(want, true), " tensor, got one on ", sample.device());

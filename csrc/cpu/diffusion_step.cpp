@@ -169,17 +169,8 @@ static double read_float(const at::Tensor& t, int64_t i) {
   return t.scalar_type() == at::kDouble ? read_f<double>(t, i) : read_f<float>(t, i);
 }
 
-void diffusion_step_cpu(const at::Tensor& eps, const std::optional<at::Tensor>& uncond, const at::Tensor& sample,
-                        const std::optional<at::Tensor>& noise, const at::Tensor& timesteps,
-                        const at::Tensor& prev_table, const at::Tensor& alphas_cumprod,
-                        const std::optional<at::Tensor>& x0_scale, const std::optional<at::Tensor>& eps_scale,
-                        const at::Tensor& out_prev, const std::optional<at::Tensor>& out_x0, int64_t mode,
-                        double guidance_scale, int64_t prediction_type, int64_t variance_type, bool clip_sample,
-                        double clip_range, double eta, bool use_clipped, double final_alpha, int64_t seed) {
-  const ds::StepShapes s = ds::check_step_args(
-      eps, uncond, sample, noise, timesteps, prev_table, alphas_cumprod, x0_scale, eps_scale, out_prev, out_x0,
-      mode, guidance_scale, prediction_type, variance_type, clip_sample, clip_range, eta, use_clipped, final_alpha,
-      seed, c10::DeviceType::CPU);
+void diffusion_step_cpu(VLOPS_DIFFUSION_STEP_PARAMS) {
+  const ds::StepShapes s = ds::check_step_args(VLOPS_DIFFUSION_STEP_ARGS, c10::DeviceType::CPU);
   const int64_t B = s.B, N = s.N;
   if (B == 0 || N == 0) return;
 
