@@ -4,6 +4,8 @@ Public API (each op: a float64-checked reference, a C++ CPU kernel, a Triton ker
 chosen per call by :func:`use_backend` / ``VLOPS_BACKEND`` / ``auto``):
 
 - :func:`ddpm_step`, :func:`ddim_step`, :class:`DiffusionSchedule`: the fused diffusion denoising step.
+- :func:`clip_loss` (CLIP / ALIGN / UniCL), :func:`siglip_loss`, :func:`zero_shot_classify`: tiled
+  contrastive losses that never store the N x N logits.
 - :func:`use_backend`, :func:`available_backends`, :func:`show_config`.
 """
 from __future__ import annotations
@@ -13,11 +15,14 @@ __version__ = "0.1.0"
 import torch as _torch
 
 from ._backends import BACKENDS, BackendUnavailableError, requested_backend, unavailable_reason, use_backend
+from .contrastive import clip_loss, siglip_loss, zero_shot_classify
 from .diffusion import DiffusionSchedule, ddim_step, ddpm_step
+from . import nn  # noqa: E402  (drop-in modules; imports nothing beyond torch)
 
 __all__ = [
     "__version__", "BACKENDS", "BackendUnavailableError", "use_backend", "requested_backend",
-    "available_backends", "show_config", "DiffusionSchedule", "ddpm_step", "ddim_step",
+    "available_backends", "show_config", "DiffusionSchedule", "ddpm_step", "ddim_step", "clip_loss",
+    "siglip_loss", "zero_shot_classify",
 ]
 
 

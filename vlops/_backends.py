@@ -127,7 +127,43 @@ def available(name: str, device: torch.device | None = None) -> bool:
 # Preference of ``auto`` on CUDA tensors, per op: fastest measured first (benchmarks/results).
 AUTO_CUDA_ORDER: dict[str, tuple[str, ...]] = {
     "diffusion_step": ("cuda", "triton"),
+    "contrastive": ("triton",),
 }
+
+# Per op: the symbol that proves the compiled kernels exist (``<symbol>_cpu`` / ``<symbol>_cuda`` in
+# vlops._C) and the Triton module in vlops.kernels; None where a backend has no kernel for the op.
+OP_KERNELS: dict[str, dict[str, str | None]] = {
+    "diffusion_step": {"cpu": "diffusion_step", "cuda": "diffusion_step", "triton": "diffusion_step"},
+    "contrastive": {"cpu": "contrastive_lse", "cuda": None, "triton": "contrastive"},
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module_reason(module: str) -> str:
+    import importlib
+
+    try:
+        importlib.import_module(f"vlops.kernels.{module}")
+    except ImportError as e:
+        return f"vlops.kernels.{module} cannot be imported ({e})"
+    return ""
+
+
+def op_unavailable_reason(op: str, name: str, device) -> str:
+    """Why backend ``name`` cannot run ``op`` on ``device`` ('' if it can)."""
+    why = unavailable_reason(name, device)
+    if why or name == "reference":
+        return why
+    kernels = OP_KERNELS.get(op, {})
+    sym = kernels.get(name)
+    if sym is None:
+        return f"vlops has no {name} kernel for {op} (backends with one: reference, " + ", ".join(
+            b for b, v in kernels.items() if v) + ")"
+    if name in ("cpu", "cuda") and not hasattr(extension(), f"{sym}_{name}"):
+        return f"vlops._C was built without {sym}_{name}; rebuild with `pip install --no-build-isolation -e .`"
+    if name == "triton":
+        return _triton_module_reason(sym)
+    return ""
 
 
 def resolve(op: str, device: torch.device) -> str:
@@ -135,14 +171,14 @@ def resolve(op: str, device: torch.device) -> str:
     name = requested_backend()
     dev = torch.device(device)
     if name != "auto":
-        why = unavailable_reason(name, dev)
+        why = op_unavailable_reason(op, name, dev)
         if why:
             raise BackendUnavailableError(f"vlops backend {name!r} cannot run {op} on {dev.type}: {why}")
         return name
     if dev.type == "cpu":
-        return "cpu" if available("cpu", dev) else "reference"
+        return "cpu" if not op_unavailable_reason(op, "cpu", dev) else "reference"
     if dev.type == "cuda":
         for cand in AUTO_CUDA_ORDER.get(op, ("triton", "cuda")):
-            if available(cand, dev):
+            if not op_unavailable_reason(op, cand, dev):
                 return cand
     return "reference"

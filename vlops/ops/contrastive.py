@@ -1,0 +1,257 @@
+"""Contrastive losses as torch custom ops: tiled, the N x M logits never stored.
+
+Kernel contract (the same positional arguments for every backend; ``vlops._C.<name>_cpu``,
+``vlops.kernels.contrastive.<name>``). ``a`` [N, D] and ``b`` [M, D] are contiguous, one dtype
+(fp32, fp16, bf16; fp64 on the cpu backend), accumulation in fp32 (fp64 for fp64). ``scale`` and
+``bias`` are float32 tensors of shape [1] on the inputs' device (read on the device: no host sync).
+``S_ij = scale * a_i . b_j``. Every output is float32 (float64 for fp64 inputs), freshly written.
+
+``contrastive_lse(a, b, scale) -> (row_lse [N], col_lse [M])``
+    ``row_lse_i = log sum_j exp(S_ij)``, ``col_lse_j = log sum_i exp(S_ij)`` (no bias: it cancels
+    in every softmax).
+
+``clip_bwd(a, b, scale, row_lse, col_lse, coef_row, coef_col, row_center, col_center)
+-> (da [N, D], db [M, D], dscale [1])``
+    ``R_ij = coef_row * exp(S_ij - row_lse_i)``, ``C_ij = coef_col * exp(S_ij - col_lse_j)``,
+    ``W = R + C`` (python floats coef_row, coef_col), ``da_i = sum_j W_ij b_j``,
+    ``db_j = sum_i W_ij a_i``, ``dscale = sum_ij R_ij (a_i . b_j - row_center_i)
+    + C_ij (a_i . b_j - col_center_j)`` (``row_center`` [N], ``col_center`` [M] float32/float64: the
+    target dots, so that the scale gradient is a sum of small terms, not a difference of two large
+    ones).
+
+``siglip_fwd(a, b, scale, bias, negative_only) -> loss_sum [1]``
+    ``sum_ij softplus(-z_ij (S_ij + bias))`` with ``z_ij = +1`` where ``i == j`` (unless
+    ``negative_only``) and ``-1`` elsewhere.
+
+``siglip_bwd(a, b, scale, bias, negative_only) -> (da [N, D], db [M, D], dscale [1], dbias [1])``
+    ``W_ij = -z_ij * sigmoid(-z_ij (S_ij + bias))`` (d loss_ij / d L_ij), ``da_i = sum_j W_ij b_j``,
+    ``db_j = sum_i W_ij a_i``, ``dscale = sum_ij W_ij (a_i . b_j)``, ``dbias = sum_ij W_ij``.
+
+Everything else (the diagonal / target terms, label smoothing, UniCL's class means, the 1/N and the
+incoming gradient) is O(N D) work done with torch ops in this module.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from .. import _backends
+
+OP = "contrastive"
+
+
+# ------------------------------------------------------------------ reference backend (materialises S)
+def _cdt(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _ref_S(a, b, scale):
+    dt = _cdt(a)
+    return scale.to(dt) * (a.to(dt) @ b.to(dt).T)
+
+
+def _ref_lse(a, b, scale):
+    S = _ref_S(a, b, scale)
+    return torch.logsumexp(S, 1), torch.logsumexp(S, 0)
+
+
+def _ref_clip_bwd(a, b, scale, row_lse, col_lse, coef_row, coef_col, row_center, col_center):
+    dt = _cdt(a)
+    S = _ref_S(a, b, scale)
+    R = coef_row * torch.exp(S - row_lse[:, None])
+    C = coef_col * torch.exp(S - col_lse[None, :])
+    W = R + C
+    af, bf = a.to(dt), b.to(dt)
+    G = af @ bf.T
+    ds = (R * (G - row_center.to(dt)[:, None])).sum() + (C * (G - col_center.to(dt)[None, :])).sum()
+    return W @ bf, W.T @ af, ds.reshape(1)
+
+
+def _z(N, M, negative_only, dt, device):
+    z = -torch.ones(N, M, dtype=dt, device=device)
+    if not negative_only:
+        k = min(N, M)
+        z[torch.arange(k), torch.arange(k)] = 1.0
+    return z
+
+
+def _ref_siglip_fwd(a, b, scale, bias, negative_only):
+    dt = _cdt(a)
+    L = _ref_S(a, b, scale) + bias.to(dt)
+    z = _z(L.shape[0], L.shape[1], negative_only, dt, L.device)
+    return torch.nn.functional.softplus(-z * L).sum().reshape(1)
+
+
+def _ref_siglip_bwd(a, b, scale, bias, negative_only):
+    dt = _cdt(a)
+    af, bf = a.to(dt), b.to(dt)
+    L = _ref_S(a, b, scale) + bias.to(dt)
+    z = _z(L.shape[0], L.shape[1], negative_only, dt, L.device)
+    W = -z * torch.sigmoid(-z * L)
+    return W @ bf, W.T @ af, (W * (af @ bf.T)).sum().reshape(1), W.sum().reshape(1)
+
+
+_REF = {"contrastive_lse": _ref_lse, "clip_bwd": _ref_clip_bwd, "siglip_fwd": _ref_siglip_fwd,
+        "siglip_bwd": _ref_siglip_bwd}
+
+
+def _kernel(name: str, device: torch.device):
+    backend = _backends.resolve(OP, device)
+    if backend == "reference":
+        return _REF[name]
+    if backend == "cpu":
+        return getattr(_backends.extension(), name + "_cpu")
+    from vlops.kernels import contrastive as k  # triton
+
+    return getattr(k, name)
+
+
+# ------------------------------------------------------------------ CLIP / ALIGN / UniCL
+def _targets(a32, b32, labels: Optional[torch.Tensor], eps: float):
+    """(t_row, t_col): t_row_i = sum_j q_ij b_j, t_col_j = sum_i q_ij a_i (q symmetric)."""
+    if labels is None:
+        t_row, t_col = b32, a32
+    else:
+        N = labels.shape[0]
+        uniq, inv = torch.unique(labels, return_inverse=True)
+        cnt = torch.zeros(uniq.shape[0], dtype=a32.dtype, device=a32.device).index_add_(
+            0, inv, torch.ones(N, dtype=a32.dtype, device=a32.device))
+        mb = torch.zeros(uniq.shape[0], b32.shape[1], dtype=a32.dtype, device=a32.device).index_add_(0, inv, b32)
+        ma = torch.zeros(uniq.shape[0], a32.shape[1], dtype=a32.dtype, device=a32.device).index_add_(0, inv, a32)
+        t_row, t_col = (mb / cnt[:, None])[inv], (ma / cnt[:, None])[inv]
+    if eps:
+        t_row = (1 - eps) * t_row + eps * b32.mean(0, keepdim=True)
+        t_col = (1 - eps) * t_col + eps * a32.mean(0, keepdim=True)
+    return t_row, t_col
+
+
+@torch.library.custom_op("vlops::clip_loss", mutates_args=())
+def clip_loss_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, labels: Optional[torch.Tensor],
+                 label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss [] fp32, row_lse [N], col_lse [N]). The bias cancels in the loss (targets sum to one)."""
+    row_lse, col_lse = _kernel("contrastive_lse", a.device)(a, b, scale)
+    dt = row_lse.dtype
+    a32, b32 = a.to(dt), b.to(dt)
+    t_row, _ = _targets(a32, b32, labels, label_smoothing)
+    N = a.shape[0]
+    pos = (a32 * t_row).sum() * scale.to(dt)[0]
+    loss = (row_lse.sum() + col_lse.sum()) / (2 * N) - pos / N
+    return loss.float(), row_lse, col_lse
+
+
+@clip_loss_op.register_fake
+def _(a, b, scale, labels, label_smoothing):
+    dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return a.new_empty((), dtype=torch.float32), a.new_empty((a.shape[0],), dtype=dt), a.new_empty(
+        (b.shape[0],), dtype=dt)
+
+
+@torch.library.custom_op("vlops::clip_loss_backward", mutates_args=())
+def clip_loss_backward_op(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                          row_lse: torch.Tensor, col_lse: torch.Tensor, labels: Optional[torch.Tensor],
+                          label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    N = a.shape[0]
+    c = 0.5 / N
+    dt = row_lse.dtype
+    a32, b32 = a.to(dt), b.to(dt)
+    t_row, t_col = _targets(a32, b32, labels, label_smoothing)
+    # centres u_i = a_i . t_row_i, v_j = b_j . t_col_j: dscale = c sum R (G - u) + c sum C (G - v),
+    # since sum_j P_row_ij = 1 and c (sum u + sum v) = 2 c sum_i a_i . t_row_i (the target term)
+    u, v = (a32 * t_row).sum(1), (b32 * t_col).sum(1)
+    ka, kb, ks = _kernel("clip_bwd", a.device)(a, b, scale, row_lse, col_lse, c, c, u, v)
+    s = scale.to(dt)
+    g = grad.to(dt)
+    da = (g * s) * (ka - 2 * c * t_row)
+    db = (g * s) * (kb - 2 * c * t_col)
+    dscale = g * ks
+    return da.to(a.dtype), db.to(b.dtype), dscale.to(scale.dtype).reshape(scale.shape)
+
+
+@clip_loss_backward_op.register_fake
+def _(grad, a, b, scale, row_lse, col_lse, labels, label_smoothing):
+    return torch.empty_like(a), torch.empty_like(b), torch.empty_like(scale)
+
+
+def _clip_setup(ctx, inputs, output):
+    a, b, scale, labels, eps = inputs
+    _, row_lse, col_lse = output
+    ctx.save_for_backward(a, b, scale, row_lse, col_lse, labels)
+    ctx.eps = eps
+
+
+def _clip_backward(ctx, grad_loss, _g_row, _g_col):
+    a, b, scale, row_lse, col_lse, labels = ctx.saved_tensors
+    da, db, dscale = clip_loss_backward_op(grad_loss, a, b, scale, row_lse, col_lse, labels, ctx.eps)
+    return da, db, dscale, None, None
+
+
+clip_loss_op.register_autograd(_clip_backward, setup_context=_clip_setup)
+
+
+# ------------------------------------------------------------------ SigLIP
+@torch.library.custom_op("vlops::siglip_loss", mutates_args=())
+def siglip_loss_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                   negative_only: bool) -> torch.Tensor:
+    s = _kernel("siglip_fwd", a.device)(a, b, scale, bias, negative_only)
+    return (s[0] / a.shape[0]).float()
+
+
+@siglip_loss_op.register_fake
+def _(a, b, scale, bias, negative_only):
+    return a.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("vlops::siglip_loss_backward", mutates_args=())
+def siglip_loss_backward_op(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                            bias: torch.Tensor, negative_only: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ka, kb, ks, kbias = _kernel("siglip_bwd", a.device)(a, b, scale, bias, negative_only)
+    dt = ka.dtype
+    g = grad.to(dt) / a.shape[0]
+    s = scale.to(dt)
+    return ((g * s) * ka).to(a.dtype), ((g * s) * kb).to(b.dtype), (g * ks).to(scale.dtype).reshape(
+        scale.shape), (g * kbias).to(bias.dtype).reshape(bias.shape)
+
+
+@siglip_loss_backward_op.register_fake
+def _(grad, a, b, scale, bias, negative_only):
+    return torch.empty_like(a), torch.empty_like(b), torch.empty_like(scale), torch.empty_like(bias)
+
+
+def _siglip_setup(ctx, inputs, output):
+    a, b, scale, bias, negative_only = inputs
+    ctx.save_for_backward(a, b, scale, bias)
+    ctx.negative_only = negative_only
+
+
+def _siglip_backward(ctx, grad):
+    a, b, scale, bias = ctx.saved_tensors
+    da, db, dscale, dbias = siglip_loss_backward_op(grad, a, b, scale, bias, ctx.negative_only)
+    return da, db, dscale, dbias, None
+
+
+siglip_loss_op.register_autograd(_siglip_backward, setup_context=_siglip_setup)
+
+
+# ------------------------------------------------------------------ zero-shot
+@functools.lru_cache(maxsize=None)
+def _chunk_rows(K: int) -> int:
+    return max(1, min(4096, (1 << 24) // max(K, 1)))  # at most 16M logits live at a time
+
+
+def zero_shot(image_features, class_embeddings, logit_scale, k):
+    """Row chunks: the [N, K] probabilities only when asked for; with k, O(chunk x K) memory."""
+    N = image_features.shape[0]
+    step = _chunk_rows(class_embeddings.shape[0])
+    cdt = _cdt(image_features)
+    cls = class_embeddings.to(cdt)
+    s = logit_scale.to(cdt)
+    outs = []
+    for i in range(0, N, step):
+        p = torch.softmax(s * (image_features[i:i + step].to(cdt) @ cls.T), dim=-1)
+        outs.append(p if k is None else torch.topk(p, k, dim=-1))
+    if k is None:
+        return torch.cat(outs).to(image_features.dtype)
+    return torch.cat([v for v, _ in outs]).to(image_features.dtype), torch.cat([i for _, i in outs])
