@@ -1,0 +1,332 @@
+"""The Triton contrastive kernels (kernels/contrastive.py) against float64 math of the kernel contract.
+
+Without a GPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``) on CPU tensors,
+in a subprocess (``python tests/test_contrastive_triton.py --worker cpu OUT.json SEED``) started once
+per pytest session with the variable in its environment only, for the reasons given in
+tests/test_diffusion_triton.py; this module imports neither triton nor the kernels. On a machine with
+a CUDA GPU the same worker also runs compiled (``test_gpu_*``).
+
+Each case draws fresh ``a`` [N, D], ``b`` [M, D] (unit-norm rows or plain normal rows) and runs all
+four launchers (``contrastive_lse``, ``clip_bwd`` fed the float64 LSEs rounded to fp32,
+``siglip_fwd``, ``siglip_bwd``); the reference builds ``S = scale * a @ b.T`` in float64 from the
+same (dtype-rounded) inputs and applies the contract's formulas. Bounds, relative error
+``||out - ref|| / ||ref||``: fp32 1e-5 interpreted (numpy fp32 dots), 5e-4 compiled (tf32 in the
+``W @ y`` dots; 1e-3 when N or M is 1, where the tf32 rounding does not average out), in both cases at least ``2**-22 * max|S|`` (the fp32 rounding of S and of the LSEs,
+amplified by exp, bounds any fp32 implementation: 2.4e-5 at |S| = 100); bf16 / fp16 1e-2. The scalar outputs (dscale, dbias, the SigLIP loss) are sums of terms of both
+signs, so their error is measured against the sum of the absolute terms (the quantity fp32 rounding
+scales with). NaN / inf never passes. The compiled-for-Hopper check (wgmma, no spills, shared memory)
+is tests/test_aot_sm90.py, which collects ``kernels/contrastive.py``'s ``AOT_SPECS``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+TOL_INTERP = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
+TOL_GPU = {"float32": 5e-4, "bfloat16": 1e-2, "float16": 1e-2}
+FP32_S_FACTOR = 2.0 ** -22
+TINY = 1e-30
+OUTPUTS = ["row_lse", "col_lse", "clip_da", "clip_db", "clip_dscale", "sig_loss", "sig_da", "sig_db", "sig_dscale",
+           "sig_dbias"]
+
+
+# --------------------------------------------------------------------------------------------
+# The cases (plain data)
+
+def _cases() -> list[dict]:
+    cases = []
+
+    def add(**kw):
+        c = dict(dtype="float32", N=7, M=7, D=16, scale=1.0, unit=True, neg=False, dup=False, blocks=None)
+        c.update(kw)
+        c["id"] = (f"{c['dtype'].replace('float', 'f')}-N{c['N']}M{c['M']}D{c['D']}-s{c['scale']:g}"
+                   f"-{'unit' if c['unit'] else 'randn'}" + ("-neg" if c["neg"] else "")
+                   + ("-dup" if c["dup"] else "") + ("-blk" + "_".join(f"{v}" for v in c["blocks"].values())
+                                                     if c["blocks"] else ""))
+        cases.append(c)
+
+    shapes = [(1, 1), (7, 7), (33, 70), (70, 33), (70, 70), (1, 7), (7, 1)]
+    ds = [3, 16, 100]
+    scales = [1.0, 30.0, 100.0]
+    i = 0
+    for dt in ("float32", "bfloat16"):
+        for N, M in shapes:
+            for D in ds:
+                add(dtype=dt, N=N, M=M, D=D, scale=scales[i % 3], unit=(i % 4) != 3, neg=(i % 5) in (1, 3))
+                i += 1
+    add(dtype="float16", N=33, M=33, D=100, scale=30.0)
+    add(dtype="float16", N=70, M=7, D=16, scale=100.0, neg=True)
+    # extremes: logit_scale 100 in bf16 with b == a (diagonal S = 100), random rows at scale 100 (|S| ~ 1e3)
+    add(dtype="bfloat16", N=70, M=70, D=100, scale=100.0, dup=True)
+    add(dtype="float32", N=33, M=70, D=100, scale=100.0, unit=False)
+    add(dtype="bfloat16", N=70, M=33, D=16, scale=100.0, unit=False, neg=True)
+    # duplicated rows (a has repeated rows, b == a: ties in every softmax)
+    add(dtype="float32", N=33, M=33, D=16, scale=30.0, dup=True)
+    add(dtype="float32", N=70, M=70, D=3, scale=1.0, dup=True, neg=True)
+    # small tiles: several y blocks, D chunks and output-feature chunks (pid_d > 0) per program
+    small = {"BLOCK_X": 16, "BLOCK_Y": 16, "BLOCK_D": 16, "BLOCK_DO": 32}
+    add(dtype="float32", N=70, M=33, D=100, scale=30.0, blocks=small)
+    add(dtype="bfloat16", N=33, M=70, D=100, scale=100.0, neg=True, blocks=small)
+    add(dtype="float32", N=1, M=70, D=3, scale=100.0, unit=False, blocks=small)
+    return cases
+
+
+CASES = _cases()
+
+
+# --------------------------------------------------------------------------------------------
+# worker (runs in the subprocess)
+
+def _load_kernel_module():
+    try:
+        from vlops.kernels import contrastive as k  # installed package
+        return k
+    except ImportError:
+        name = "_vlops_kernels_contrastive"
+        if name in sys.modules:
+            return sys.modules[name]
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "kernels", "contrastive.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+
+def _rel(torch, out, ref):
+    out = out.detach().double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    # values below fp32's range (exp(-700) of a saturated sigmoid) count as zero: floor 1e-30
+    return (out - ref).norm().item() / max(ref.norm().item(), TINY)
+
+
+def _rel_scalar(torch, out, ref, abs_terms):
+    out = out.detach().double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return abs(out.item() - ref.item()) / max(abs_terms, TINY)
+
+
+def _inputs(torch, c, gen):
+    dt = getattr(torch, c["dtype"])
+    N, M, D = c["N"], c["M"], c["D"]
+    a = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    if c["dup"]:
+        a[1::3] = a[0::3][: a[1::3].shape[0]]  # every third row repeated
+        b = a[:M].clone() if M <= N else torch.cat([a, torch.randn(M - N, D, generator=gen, dtype=torch.float64)])
+    else:
+        b = torch.randn(M, D, generator=gen, dtype=torch.float64)
+    if c["unit"]:
+        a = a / a.norm(dim=1, keepdim=True)
+        b = b / b.norm(dim=1, keepdim=True)
+    return a.to(dt).contiguous(), b.to(dt).contiguous()
+
+
+def _run_case(torch, k, c, gen, device):
+    a, b = _inputs(torch, c, gen)
+    N, M, D = c["N"], c["M"], c["D"]
+    scale = torch.tensor([c["scale"]], dtype=torch.float32)
+    bias = torch.tensor([float(torch.empty(1).uniform_(-10.0, 2.0, generator=gen))], dtype=torch.float32)
+    coef_row = float(torch.empty(1).uniform_(0.2, 1.0, generator=gen)) / N
+    coef_col = float(torch.empty(1).uniform_(0.2, 1.0, generator=gen)) / M
+    da_, db_ = a.to(device), b.to(device)
+    before = (da_.clone(), db_.clone())
+    sc, bi = scale.to(device), bias.to(device)
+    blocks = c["blocks"]
+
+    # float64 contract math from the same (rounded) inputs
+    A, B = a.double(), b.double()
+    raw = A @ B.T
+    s64, b64 = float(scale), float(bias)
+    S = s64 * raw
+    row_ref, col_ref = S.logsumexp(1), S.logsumexp(0)
+    R = coef_row * torch.exp(S - row_ref[:, None])
+    Cc = coef_col * torch.exp(S - col_ref[None, :])
+    W = R + Cc
+    # any centres: the kernel subtracts them inside the scale-gradient sum (offsets keep the terms
+    # away from exact cancellation, which would make the relative error meaningless)
+    ctr_r = 0.5 * raw.mean(1) - 0.25
+    ctr_c = 0.25 * raw.mean(0) + 0.125
+    z = -torch.ones(N, M, dtype=torch.float64)
+    if not c["neg"]:
+        n = min(N, M)
+        z[torch.arange(n), torch.arange(n)] = 1.0
+    L = S + b64
+    sp = torch.nn.functional.softplus(-z * L)
+    Ws = -z * torch.sigmoid(-z * L)
+
+    t0 = time.perf_counter()
+    row, col = k.contrastive_lse(da_, db_, sc, blocks=blocks)
+    cda, cdb, cds = k.clip_bwd(da_, db_, sc, row_ref.float().to(device), col_ref.float().to(device), coef_row,
+                               coef_col, ctr_r.float().to(device), ctr_c.float().to(device), blocks=blocks)
+    loss = k.siglip_fwd(da_, db_, sc, bi, c["neg"], blocks=blocks)
+    sda, sdb, sds, sdbias = k.siglip_bwd(da_, db_, sc, bi, c["neg"], blocks=blocks)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+
+    outs = dict(row_lse=row, col_lse=col, clip_da=cda, clip_db=cdb, clip_dscale=cds, sig_loss=loss, sig_da=sda,
+                sig_db=sdb, sig_dscale=sds, sig_dbias=sdbias)
+    shapes = dict(row_lse=(N,), col_lse=(M,), clip_da=(N, D), clip_db=(M, D), clip_dscale=(1,), sig_loss=(1,),
+                  sig_da=(N, D), sig_db=(M, D), sig_dscale=(1,), sig_dbias=(1,))
+    res = {"id": c["id"], "dtype": c["dtype"], "time_s": elapsed, "max_abs_s": S.abs().max().item(),
+           "inputs_unchanged": torch.equal(before[0], da_) and torch.equal(before[1], db_),
+           "bad_shape": [n for n, o in outs.items() if tuple(o.shape) != shapes[n] or o.dtype != torch.float32],
+           "nonfinite": [n for n, o in outs.items() if not torch.isfinite(o).all()]}
+    err = res["err"] = {}
+    err["row_lse"] = _rel(torch, row, row_ref)
+    err["col_lse"] = _rel(torch, col, col_ref)
+    err["clip_da"] = _rel(torch, cda, W @ B)
+    err["clip_db"] = _rel(torch, cdb, W.T @ A)
+    ds_terms = R * (raw - ctr_r[:, None]) + Cc * (raw - ctr_c[None, :])
+    err["clip_dscale"] = _rel_scalar(torch, cds, ds_terms.sum(), ds_terms.abs().sum().item())
+    err["sig_loss"] = _rel_scalar(torch, loss, sp.sum(), sp.abs().sum().item())
+    err["sig_da"] = _rel(torch, sda, Ws @ B)
+    err["sig_db"] = _rel(torch, sdb, Ws.T @ A)
+    err["sig_dscale"] = _rel_scalar(torch, sds, (Ws * raw).sum(), (Ws * raw).abs().sum().item())
+    err["sig_dbias"] = _rel_scalar(torch, sdbias, Ws.sum(), Ws.abs().sum().item())
+    return res
+
+
+def _bad_input_checks(torch, k):
+    a = torch.randn(4, 8)
+    b = torch.randn(5, 8)
+    s = torch.ones(1)
+    out = []
+    bad = {
+        "share D": lambda: k.contrastive_lse(a, torch.randn(5, 7), s),
+        "scale": lambda: k.contrastive_lse(a, b, torch.ones(1, dtype=torch.float64)),
+        "bias": lambda: k.siglip_fwd(a, b, s, torch.ones(2), False),
+        "row_lse": lambda: k.clip_bwd(a, b, s, torch.zeros(3), torch.zeros(5), 1.0, 1.0, torch.zeros(4),
+                                      torch.zeros(5)),
+        "dtype": lambda: k.siglip_bwd(a, b.double(), s, s, False),
+        "contiguous": lambda: k.contrastive_lse(torch.randn(8, 4).T, b, s),
+    }
+    for name, fn in bad.items():
+        try:
+            fn()
+            out.append({"id": f"bad-{name}", "ok": False, "msg": "no error"})
+        except ValueError as e:
+            out.append({"id": f"bad-{name}", "ok": name in str(e), "msg": str(e)})
+        except Exception as e:  # noqa: BLE001
+            out.append({"id": f"bad-{name}", "ok": False, "msg": repr(e)})
+    return out
+
+
+def _worker(device: str, out_json: str, seed: int) -> int:
+    import warnings
+
+    import torch
+
+    warnings.simplefilter("ignore", RuntimeWarning)  # numpy exp/log warnings of masked lanes (interpreter)
+    k = _load_kernel_module()
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    results = {"cases": {}, "seed": seed}
+    for c in CASES:
+        try:
+            results["cases"][c["id"]] = _run_case(torch, k, c, gen, device)
+        except Exception as e:  # noqa: BLE001 - reported per case
+            import traceback
+
+            results["cases"][c["id"]] = {"id": c["id"], "error": traceback.format_exc(limit=4) + repr(e)}
+    results["bad_input"] = _bad_input_checks(torch, k)
+    results["total_s"] = time.perf_counter() - t0
+    with open(out_json, "w") as f:
+        json.dump(results, f, indent=1)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# pytest side (no triton import here)
+
+def _run_worker(tmp_path_factory, device: str, interpret: bool):
+    pytest.importorskip("triton")
+    seed = int.from_bytes(os.urandom(4), "little")
+    out = str(tmp_path_factory.mktemp(f"contrastive_triton_{device}") / "results.json")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    print(f"\n[contrastive triton] device={device} interpret={interpret} seed={seed}")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", device, out, str(seed)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"worker failed ({proc.returncode}), seed {seed}:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    with open(out) as f:
+        res = json.load(f)
+    print(f"[contrastive triton] {len(res['cases'])} cases in {res['total_s']:.1f} s")
+    return res
+
+
+@pytest.fixture(scope="module")
+def interp_results(tmp_path_factory):
+    return _run_worker(tmp_path_factory, "cpu", interpret=True)
+
+
+@pytest.fixture(scope="module")
+def gpu_results(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    return _run_worker(tmp_path_factory, "cuda", interpret=False)
+
+
+def _check_case(res, case, tol_table):
+    r = res["cases"][case["id"]]
+    assert "error" not in r, r["error"]
+    assert r["inputs_unchanged"], "a launcher modified an input"
+    assert not r["bad_shape"], f"wrong shape or dtype (want float32): {r['bad_shape']}"
+    assert not r["nonfinite"], f"NaN / inf in {r['nonfinite']}, seed {res['seed']}"
+    tol = tol_table[case["dtype"]]
+    if tol_table is TOL_GPU and case["dtype"] == "float32" and min(case["N"], case["M"]) == 1:
+        tol = 1e-3  # tf32 W @ y: the 2**-11 operand rounding does not average out over one term
+    if case["dtype"] == "float32":
+        # S_ij in fp32 (and the fp32 LSEs) carry an absolute error ~|S| 2**-24 that exp() turns into a
+        # relative one: any fp32 implementation is limited to ~|S|max * 2**-22 (2.4e-5 at |S| = 100).
+        tol = max(tol, FP32_S_FACTOR * r["max_abs_s"])
+    bad = {n: e for n, e in r["err"].items() if not (e <= tol)}  # NaN fails too
+    assert not bad, f"relative errors above {tol:g}: {bad}, seed {res['seed']}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_interpreter(interp_results, case):
+    _check_case(interp_results, case, TOL_INTERP)
+
+
+def test_interpreter_bad_input(interp_results):
+    for r in interp_results["bad_input"]:
+        assert r["ok"], f"{r['id']}: {r['msg']}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_gpu(gpu_results, case):
+    _check_case(gpu_results, case, TOL_GPU)
+
+
+def test_aot_collects_contrastive():
+    """tests/test_aot_sm90.py compiles every kernels/*.py module's AOT_SPECS (wgmma required: every
+    contrastive spec is flagged matmul=True); make sure this module is among them."""
+    spec = importlib.util.spec_from_file_location("_contrastive_aot_probe", os.path.join(HERE, "test_aot_sm90.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert "contrastive" in mod.kernel_module_names()
+    src = open(os.path.join(ROOT, "kernels", "contrastive.py")).read()
+    assert '"matmul": True' in src and "AOT_SPECS = [" in src
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        sys.exit(_worker(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    print(f"usage: {sys.argv[0]} --worker cpu|cuda OUT.json SEED", file=sys.stderr)
+    sys.exit(2)
