@@ -6,7 +6,10 @@
 //
 // Noise: Philox4x32-10 keyed by the seed, counter = element // 4, Box-Muller in float with the
 // polynomial log / sin / cos of diffusion_step_simd.h: vlops.reference.diffusion.philox_normal up to
-// float rounding (~1e-6 absolute), the uint32 stream bit-exact.
+// float rounding (~1e-6 absolute), the uint32 stream bit-exact. For a float compute type and a scalar
+// std the normals are drawn in registers inside the step loop (no noise buffer): the Philox and
+// Box-Muller work then overlaps the memory traffic. Large float outputs are written with streaming
+// stores (no read-for-ownership of the output lines).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -50,12 +53,14 @@ struct Job {
   int64_t chunk;       // elements of one sample per block
   int dtype;           // DType
   bool guided, ddim, philox;
+  bool stream;         // streaming (non-temporal) stores of float outputs
   uint32_t key0, key1; // Philox key: (seed & 0xffffffff, seed >> 32)
   double guidance_scale;
   const ds::Coef* coef;  // [B]
 };
 
 constexpr int64_t TILE = 1024;  // elements per inner tile (buffers stay in L1)
+constexpr int64_t kStreamBytes = (int64_t)4 << 20;  // outputs of at least this size: streaming stores
 
 // The kernel body once per instruction set.
 namespace generic {
@@ -215,6 +220,10 @@ void diffusion_step_cpu(VLOPS_DIFFUSION_STEP_PARAMS) {
   j.key1 = (uint32_t)((uint64_t)seed >> 32);
   j.guidance_scale = guidance_scale;
   j.coef = coef.data();
+  // Streaming stores when the outputs are large (a few MiB: beyond what a core's L2 would keep for the
+  // next reader): the lines then go to memory without the read-for-ownership of ordinary stores.
+  const int64_t out_bytes = B * N * (int64_t)sample.element_size() * (out_x0.has_value() ? 2 : 1);
+  j.stream = out_bytes >= kStreamBytes;
 
   // Blocks of up to 16 tiles of one sample; small problems run on the calling thread.
   j.chunk = 16 * TILE;

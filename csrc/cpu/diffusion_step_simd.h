@@ -279,60 +279,67 @@ VINL vf uniform01(vu x) {
   return __builtin_convertvector((vi)(x >> 8), vf) * 5.9604644775390625e-08f + 2.98023223876953125e-08f;
 }
 
+// The 4 * WF normals of counters q0 .. q0 + WF - 1 in element order: o[v][l] = normal 4 q0 + WF v + l
+// (element 4 q + k is word k of counter q).
+VINL void philox_normals_vec(uint64_t q0, const uint32_t* ks0, const uint32_t* ks1, vf* o) {
+  vq lane;
+  for (int l = 0; l < WF / 2; ++l) lane[l] = (uint64_t)l;
+  // counters q = q0 + l: low word in the low half, high word (q >> 32) as the second word
+  const vq qa = q0 + lane, qb = qa + (uint64_t)(WF / 2);
+  vq a[4] = {qa, qa >> 32, vq{}, vq{}};
+  vq b[4] = {qb, qb >> 32, vq{}, vq{}};
+  philox10_q(a, b, ks0, ks1);
+  const vu c0 = pack_lo32(a[0], b[0]), c1 = pack_lo32(a[1], b[1]);
+  const vu c2 = pack_lo32(a[2], b[2]), c3 = pack_lo32(a[3], b[3]);
+  const vf u0 = uniform01(c0), u1 = uniform01(c1), u2 = uniform01(c2), u3 = uniform01(c3);
+  const vf r0 = vsqrt(vlog(u0) * -2.0f);
+  const vf r1 = vsqrt(vlog(u2) * -2.0f);
+  vf s1, co1, s3, co3;
+  vsincos2pi(u1, s1, co1);
+  vsincos2pi(u3, s3, co3);
+  const vf n0 = r0 * co1, n1 = r0 * s1, n2 = r1 * co3, n3 = r1 * s3;
+  // 4 x WF transpose: element 4 l + k = n_k[l]
+#if VLOPS_WB == 64
+  const vf t0 = VLOPS_SHUF(n0, n1, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const vf t1 = VLOPS_SHUF(n0, n1, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const vf t2 = VLOPS_SHUF(n2, n3, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const vf t3 = VLOPS_SHUF(n2, n3, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  o[0] = VLOPS_SHUF(t0, t2, 0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
+  o[1] = VLOPS_SHUF(t0, t2, 8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
+  o[2] = VLOPS_SHUF(t1, t3, 0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
+  o[3] = VLOPS_SHUF(t1, t3, 8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
+#elif VLOPS_WB == 32
+  const vf t0 = VLOPS_SHUF(n0, n1, 0, 8, 1, 9, 2, 10, 3, 11);
+  const vf t1 = VLOPS_SHUF(n0, n1, 4, 12, 5, 13, 6, 14, 7, 15);
+  const vf t2 = VLOPS_SHUF(n2, n3, 0, 8, 1, 9, 2, 10, 3, 11);
+  const vf t3 = VLOPS_SHUF(n2, n3, 4, 12, 5, 13, 6, 14, 7, 15);
+  o[0] = VLOPS_SHUF(t0, t2, 0, 1, 8, 9, 2, 3, 10, 11);
+  o[1] = VLOPS_SHUF(t0, t2, 4, 5, 12, 13, 6, 7, 14, 15);
+  o[2] = VLOPS_SHUF(t1, t3, 0, 1, 8, 9, 2, 3, 10, 11);
+  o[3] = VLOPS_SHUF(t1, t3, 4, 5, 12, 13, 6, 7, 14, 15);
+#elif VLOPS_WB == 16
+  const vf t0 = VLOPS_SHUF(n0, n1, 0, 4, 1, 5);
+  const vf t1 = VLOPS_SHUF(n0, n1, 2, 6, 3, 7);
+  const vf t2 = VLOPS_SHUF(n2, n3, 0, 4, 1, 5);
+  const vf t3 = VLOPS_SHUF(n2, n3, 2, 6, 3, 7);
+  o[0] = VLOPS_SHUF(t0, t2, 0, 1, 4, 5);
+  o[1] = VLOPS_SHUF(t0, t2, 2, 3, 6, 7);
+  o[2] = VLOPS_SHUF(t1, t3, 0, 1, 4, 5);
+  o[3] = VLOPS_SHUF(t1, t3, 2, 3, 6, 7);
+#else
+#error "VLOPS_WB must be 16, 32 or 64"
+#endif
+}
+
 // out[k] for k in [0, 4 * nq): the normals of counters q0 .. q0 + nq - 1 (element 4 q + lane);
 // nq is a multiple of WF.
 static void philox_normals(float* __restrict out, uint64_t q0, int64_t nq, uint32_t k0, uint32_t k1) {
   uint32_t ks0[10], ks1[10];
   key_schedule(k0, k1, ks0, ks1);
-  vq lane;
-  for (int l = 0; l < WF / 2; ++l) lane[l] = (uint64_t)l;
   for (int64_t j = 0; j < nq; j += WF) {
-    // counters q = q0 + j + l: low word in the low half, high word (q >> 32) as the second word
-    const vq qa = (q0 + (uint64_t)j) + lane, qb = qa + (uint64_t)(WF / 2);
-    vq a[4] = {qa, qa >> 32, vq{}, vq{}};
-    vq b[4] = {qb, qb >> 32, vq{}, vq{}};
-    philox10_q(a, b, ks0, ks1);
-    const vu c0 = pack_lo32(a[0], b[0]), c1 = pack_lo32(a[1], b[1]);
-    const vu c2 = pack_lo32(a[2], b[2]), c3 = pack_lo32(a[3], b[3]);
-    const vf u0 = uniform01(c0), u1 = uniform01(c1), u2 = uniform01(c2), u3 = uniform01(c3);
-    const vf r0 = vsqrt(vlog(u0) * -2.0f);
-    const vf r1 = vsqrt(vlog(u2) * -2.0f);
-    vf s1, co1, s3, co3;
-    vsincos2pi(u1, s1, co1);
-    vsincos2pi(u3, s3, co3);
-    const vf n0 = r0 * co1, n1 = r0 * s1, n2 = r1 * co3, n3 = r1 * s3;
-    // 4 x WF transpose: out[4 l + k] = n_k[l]
-    float* o = out + 4 * j;
-#if VLOPS_WB == 64
-    const vf t0 = VLOPS_SHUF(n0, n1, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const vf t1 = VLOPS_SHUF(n0, n1, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    const vf t2 = VLOPS_SHUF(n2, n3, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const vf t3 = VLOPS_SHUF(n2, n3, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    vst(o + 0 * WF, (vf)VLOPS_SHUF(t0, t2, 0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23));
-    vst(o + 1 * WF, (vf)VLOPS_SHUF(t0, t2, 8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31));
-    vst(o + 2 * WF, (vf)VLOPS_SHUF(t1, t3, 0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23));
-    vst(o + 3 * WF, (vf)VLOPS_SHUF(t1, t3, 8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31));
-#elif VLOPS_WB == 32
-    const vf t0 = VLOPS_SHUF(n0, n1, 0, 8, 1, 9, 2, 10, 3, 11);
-    const vf t1 = VLOPS_SHUF(n0, n1, 4, 12, 5, 13, 6, 14, 7, 15);
-    const vf t2 = VLOPS_SHUF(n2, n3, 0, 8, 1, 9, 2, 10, 3, 11);
-    const vf t3 = VLOPS_SHUF(n2, n3, 4, 12, 5, 13, 6, 14, 7, 15);
-    vst(o + 0 * WF, (vf)VLOPS_SHUF(t0, t2, 0, 1, 8, 9, 2, 3, 10, 11));
-    vst(o + 1 * WF, (vf)VLOPS_SHUF(t0, t2, 4, 5, 12, 13, 6, 7, 14, 15));
-    vst(o + 2 * WF, (vf)VLOPS_SHUF(t1, t3, 0, 1, 8, 9, 2, 3, 10, 11));
-    vst(o + 3 * WF, (vf)VLOPS_SHUF(t1, t3, 4, 5, 12, 13, 6, 7, 14, 15));
-#elif VLOPS_WB == 16
-    const vf t0 = VLOPS_SHUF(n0, n1, 0, 4, 1, 5);
-    const vf t1 = VLOPS_SHUF(n0, n1, 2, 6, 3, 7);
-    const vf t2 = VLOPS_SHUF(n2, n3, 0, 4, 1, 5);
-    const vf t3 = VLOPS_SHUF(n2, n3, 2, 6, 3, 7);
-    vst(o + 0 * WF, (vf)VLOPS_SHUF(t0, t2, 0, 1, 4, 5));
-    vst(o + 1 * WF, (vf)VLOPS_SHUF(t0, t2, 2, 3, 6, 7));
-    vst(o + 2 * WF, (vf)VLOPS_SHUF(t1, t3, 0, 1, 4, 5));
-    vst(o + 3 * WF, (vf)VLOPS_SHUF(t1, t3, 2, 3, 6, 7));
-#else
-#error "VLOPS_WB must be 16, 32 or 64"
-#endif
+    vf o[4];
+    philox_normals_vec(q0 + (uint64_t)j, ks0, ks1, o);
+    for (int v = 0; v < 4; ++v) vst(out + 4 * j + v * WF, o[v]);
   }
 }
 
@@ -396,10 +403,32 @@ struct VCoef {
   }
 };
 
-// One vector of elements. nt: the noise term (std * n) in the compute type, when NZ.
-template <class T, bool G, bool DDIM, bool NZ>
-VINL void step_vec(const T* e, const T* u, const T* x, const typename CType<T>::C* nt, T* op, T* ox,
-                   const VCoef<typename CType<T>::C>& k) {
+// Streaming (non-temporal) store of one float vector: the line goes to memory without being read
+// for ownership first. p must be aligned to the vector width. Other types: an ordinary store.
+VINL void st_stream(float* p, vf v) {
+#if VLOPS_ISA == 2
+  _mm512_stream_ps(p, (__m512)v);
+#elif VLOPS_ISA == 1
+  _mm256_stream_ps(p, (__m256)v);
+#elif defined(__SSE__) && VLOPS_WB == 16
+  _mm_stream_ps(p, (__m128)v);
+#else
+  vst(p, v);
+#endif
+}
+template <class T, class V>
+VINL void st_stream(T* p, V v) { stc(p, v); }
+
+template <bool NTS, class T, class V>
+VINL void st_out(T* p, V v) {
+  if (NTS) st_stream(p, v);
+  else stc(p, v);
+}
+
+// One vector of elements, the noise term (std * n, compute type) given as a value.
+template <class T, bool G, bool DDIM, bool NZ, bool NTS>
+VINL void step_vec_v(const T* e, const T* u, const T* x, typename VT<typename CType<T>::C>::V ntv, T* op, T* ox,
+                     const VCoef<typename CType<T>::C>& k) {
   typedef typename CType<T>::C C;
   typedef typename VT<C>::V V;
   V E = ldc(e, C());
@@ -410,14 +439,24 @@ VINL void step_vec(const T* e, const T* u, const T* x, const typename CType<T>::
   const V X = ldc(x, C());
   V X0 = k.cx * X + k.ce * E;
   X0 = vclamp(X0, k.lo, k.hi) * k.post;
-  if (ox) stc(ox, X0);
+  if (ox) st_out<NTS>(ox, X0);
   V P = k.p0 * X0 + k.px * X;
   if (DDIM) P = P + k.pe * E;
-  if (NZ) P = P + vld<V>(nt);
-  stc(op, P);
+  if (NZ) P = P + ntv;
+  st_out<NTS>(op, P);
 }
 
-template <class T, bool G, bool DDIM, bool NZ>
+// One vector of elements. nt: the noise term (std * n) in the compute type, when NZ.
+template <class T, bool G, bool DDIM, bool NZ, bool NTS = false>
+VINL void step_vec(const T* e, const T* u, const T* x, const typename CType<T>::C* nt, T* op, T* ox,
+                   const VCoef<typename CType<T>::C>& k) {
+  typedef typename VT<typename CType<T>::C>::V V;
+  step_vec_v<T, G, DDIM, NZ, NTS>(e, u, x, NZ ? vld<V>(nt) : V{}, op, ox, k);
+}
+
+// NTS: streaming stores for the whole vectors (op, ox aligned to the vector width); the tail is an
+// ordinary store.
+template <class T, bool G, bool DDIM, bool NZ, bool NTS>
 static void step_tile(const T* __restrict e, const T* __restrict u, const T* __restrict x,
                       const typename CType<T>::C* __restrict nt, T* op, T* ox, int64_t L,
                       const VCoef<typename CType<T>::C>& k) {
@@ -425,7 +464,7 @@ static void step_tile(const T* __restrict e, const T* __restrict u, const T* __r
   constexpr int VL = VT<C>::L;
   int64_t i = 0;
   for (; i + VL <= L; i += VL)
-    step_vec<T, G, DDIM, NZ>(e + i, G ? u + i : nullptr, x + i, nt + i, op + i, ox ? ox + i : nullptr, k);
+    step_vec<T, G, DDIM, NZ, NTS>(e + i, G ? u + i : nullptr, x + i, nt + i, op + i, ox ? ox + i : nullptr, k);
   const int64_t rem = L - i;
   if (rem > 0) {  // the tail, through zero-padded copies
     T te[VL], tu[VL], tx[VL], tp[VL], t0[VL];
@@ -435,7 +474,7 @@ static void step_tile(const T* __restrict e, const T* __restrict u, const T* __r
     __builtin_memcpy((void*)te, e + i, rem * sizeof(T));
     if (G) __builtin_memcpy((void*)tu, u + i, rem * sizeof(T));
     __builtin_memcpy((void*)tx, x + i, rem * sizeof(T));
-    step_vec<T, G, DDIM, NZ>(te, tu, tx, nt + i, tp, ox ? t0 : nullptr, k);
+    step_vec<T, G, DDIM, NZ, false>(te, tu, tx, nt + i, tp, ox ? t0 : nullptr, k);
     __builtin_memcpy((void*)(op + i), tp, rem * sizeof(T));
     if (ox) __builtin_memcpy((void*)(ox + i), t0, rem * sizeof(T));
   }
@@ -485,10 +524,49 @@ static void noise_dispatch(int kind, C* nt, const S* src, const T* var, int64_t 
 }
 
 template <class T, bool G, bool DDIM>
-static void step_tile_nz(bool nz, const T* e, const T* u, const T* x, const typename CType<T>::C* nt, T* op,
-                         T* ox, int64_t L, const VCoef<typename CType<T>::C>& k) {
-  if (nz) step_tile<T, G, DDIM, true>(e, u, x, nt, op, ox, L, k);
-  else step_tile<T, G, DDIM, false>(e, u, x, nt, op, ox, L, k);
+static void step_tile_nz(bool nz, bool nts, const T* e, const T* u, const T* x, const typename CType<T>::C* nt,
+                         T* op, T* ox, int64_t L, const VCoef<typename CType<T>::C>& k) {
+  if (nts) {
+    if (nz) step_tile<T, G, DDIM, true, true>(e, u, x, nt, op, ox, L, k);
+    else step_tile<T, G, DDIM, false, true>(e, u, x, nt, op, ox, L, k);
+  } else {
+    if (nz) step_tile<T, G, DDIM, true, false>(e, u, x, nt, op, ox, L, k);
+    else step_tile<T, G, DDIM, false, false>(e, u, x, nt, op, ox, L, k);
+  }
+}
+
+// The step with the Philox noise drawn in registers, for a float compute type and a scalar std:
+// elements [0, L) (L a multiple of 4 * WF) whose first element has counter q0 (element 4 q + w is
+// word w of counter q). The same normals as philox_normals, multiplied by std as noise_tile does.
+template <class T, bool G, bool DDIM, bool NTS>
+static void step_tile_philox(const T* __restrict e, const T* __restrict u, const T* __restrict x, T* op, T* ox,
+                             int64_t L, uint64_t q0, const uint32_t* ks0, const uint32_t* ks1,
+                             const VCoef<float>& k) {
+  for (int64_t i = 0; i < L; i += 4 * WF) {
+    vf n[4];
+    philox_normals_vec(q0 + (uint64_t)(i >> 2), ks0, ks1, n);
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) {
+      const int64_t o = i + v * WF;
+      const vf nt = n[v] * k.std_;
+      step_vec_v<T, G, DDIM, true, NTS>(e + o, G ? u + o : nullptr, x + o, nt, op + o, ox ? ox + o : nullptr, k);
+    }
+  }
+}
+
+template <class T>
+static void step_tile_philox_d(bool g, bool ddim, bool nts, const T* e, const T* u, const T* x, T* op, T* ox,
+                               int64_t L, uint64_t q0, const uint32_t* ks0, const uint32_t* ks1,
+                               const VCoef<float>& k) {
+#define VLOPS_STP(G_, D_, N_) step_tile_philox<T, G_, D_, N_>(e, u, x, op, ox, L, q0, ks0, ks1, k)
+  if (nts) {
+    if (g) { if (ddim) VLOPS_STP(true, true, true); else VLOPS_STP(true, false, true); }
+    else { if (ddim) VLOPS_STP(false, true, true); else VLOPS_STP(false, false, true); }
+  } else {
+    if (g) { if (ddim) VLOPS_STP(true, true, false); else VLOPS_STP(true, false, false); }
+    else { if (ddim) VLOPS_STP(false, true, false); else VLOPS_STP(false, false, false); }
+  }
+#undef VLOPS_STP
 }
 
 // Elements [i0, i1) of sample b.
@@ -506,32 +584,56 @@ static void run_chunk(const Job& j, int64_t b, int64_t i0, int64_t i1) {
   T* op = static_cast<T*>(j.out_prev) + b * N;
   T* ox = j.out_x0 ? static_cast<T*>(j.out_x0) + b * N : nullptr;
   const bool add_noise = kd.add_noise != 0;
+  // streaming stores: float outputs aligned to the vector width (the tile offsets are multiples of it)
+  const bool nts = j.stream && sizeof(T) == 4 && sizeof(C) == 4 && ((uintptr_t)op % WB) == 0 &&
+                   (ox == nullptr || ((uintptr_t)ox % WB) == 0);
+  // Philox noise in registers: float compute, a scalar std, and element b * N + i0 at a counter start
+  const bool fused = add_noise && j.philox && sizeof(C) == 4 && kd.std_kind == ds::STD_SCALAR &&
+                     (((uint64_t)(b * N + i0)) & 3u) == 0;
+  uint32_t ks0[10], ks1[10];
+  if (fused) key_schedule(j.key0, j.key1, ks0, ks1);
   alignas(64) float fbuf[TILE + 8 * WF];
   alignas(64) C nt[TILE + WF];
   for (int64_t t0 = i0; t0 < i1; t0 += TILE) {
-    const int64_t L = (i1 - t0) < TILE ? (i1 - t0) : TILE;
+    int64_t L = (i1 - t0) < TILE ? (i1 - t0) : TILE;
+    const T* et = e + t0;
+    const T* ut = u ? u + t0 : nullptr;
+    T* oxt = ox ? ox + t0 : nullptr;
+    int64_t s0 = t0;  // the first element of the tile not yet done
+    if constexpr (sizeof(C) == 4) {
+      if (fused) {
+        const int64_t Lf = L / (4 * WF) * (4 * WF);
+        if (Lf > 0)
+          step_tile_philox_d<T>(j.guided, j.ddim, nts, et, ut, x + t0, op + t0, oxt, Lf, (uint64_t)(b * N + t0) >> 2,
+                                ks0, ks1, k);
+        s0 = t0 + Lf;
+        L -= Lf;
+        if (L == 0) continue;
+      }
+    }
     if (add_noise) {
       if (j.philox) {
-        const uint64_t g0 = (uint64_t)(b * N + t0);
+        const uint64_t g0 = (uint64_t)(b * N + s0);
         const int off = (int)(g0 & 3);
         int64_t nq = (off + L + 3) >> 2;
         nq = (nq + WF - 1) / WF * WF;
         if (sizeof(C) == 8) philox_normals_f64(fbuf, g0 >> 2, nq, j.key0, j.key1);
         else philox_normals(fbuf, g0 >> 2, nq, j.key0, j.key1);
-        noise_dispatch<C, float, T>(kd.std_kind, nt, fbuf + off, var ? var + t0 : nullptr, L, k);
+        noise_dispatch<C, float, T>(kd.std_kind, nt, fbuf + off, var ? var + s0 : nullptr, L, k);
       } else {
-        noise_dispatch<C, T, T>(kd.std_kind, nt, nz + t0, var ? var + t0 : nullptr, L, k);
+        noise_dispatch<C, T, T>(kd.std_kind, nt, nz + s0, var ? var + s0 : nullptr, L, k);
       }
     }
-    const T* et = e + t0;
-    const T* ut = u ? u + t0 : nullptr;
-    T* oxt = ox ? ox + t0 : nullptr;
+    et = e + s0;
+    ut = u ? u + s0 : nullptr;
+    oxt = ox ? ox + s0 : nullptr;
+    // (s0 - t0 is a multiple of the vector width: the streaming stores stay aligned)
     if (j.guided) {
-      if (j.ddim) step_tile_nz<T, true, true>(add_noise, et, ut, x + t0, nt, op + t0, oxt, L, k);
-      else step_tile_nz<T, true, false>(add_noise, et, ut, x + t0, nt, op + t0, oxt, L, k);
+      if (j.ddim) step_tile_nz<T, true, true>(add_noise, nts, et, ut, x + s0, nt, op + s0, oxt, L, k);
+      else step_tile_nz<T, true, false>(add_noise, nts, et, ut, x + s0, nt, op + s0, oxt, L, k);
     } else {
-      if (j.ddim) step_tile_nz<T, false, true>(add_noise, et, ut, x + t0, nt, op + t0, oxt, L, k);
-      else step_tile_nz<T, false, false>(add_noise, et, ut, x + t0, nt, op + t0, oxt, L, k);
+      if (j.ddim) step_tile_nz<T, false, true>(add_noise, nts, et, ut, x + s0, nt, op + s0, oxt, L, k);
+      else step_tile_nz<T, false, false>(add_noise, nts, et, ut, x + s0, nt, op + s0, oxt, L, k);
     }
   }
 }
@@ -550,6 +652,9 @@ static void run(const Job& j, int64_t blk0, int64_t blk1) {
       default: run_chunk<double>(j, b, i0, i1); break;
     }
   }
+#if defined(__SSE__) || VLOPS_ISA > 0
+  if (j.stream) _mm_sfence();  // the streaming stores are weakly ordered: drain them before returning
+#endif
 }
 
 #undef VINL
