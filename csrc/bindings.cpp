@@ -4,6 +4,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "diffusion_step_check.h"
@@ -19,6 +20,19 @@ at::Tensor philox4x32_cpu(const at::Tensor& counters, int64_t key0, int64_t key1
 std::string cpu_isa();
 std::vector<std::string> cpu_isas_supported();
 void set_cpu_isa(const std::string& name);
+// contrastive losses (csrc/cpu/contrastive.cpp; contract: vlops/ops/contrastive.py)
+std::tuple<at::Tensor, at::Tensor> contrastive_lse_cpu(const at::Tensor& a, const at::Tensor& b,
+                                                       const at::Tensor& scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_bwd_cpu(const at::Tensor& a, const at::Tensor& b,
+                                                            const at::Tensor& scale, const at::Tensor& row_lse,
+                                                            const at::Tensor& col_lse, double coef_row,
+                                                            double coef_col, const at::Tensor& row_center,
+                                                            const at::Tensor& col_center);
+at::Tensor siglip_fwd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias,
+                          bool negative_only);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_cpu(const at::Tensor& a, const at::Tensor& b,
+                                                                          const at::Tensor& scale,
+                                                                          const at::Tensor& bias, bool negative_only);
 }  // namespace cpu
 
 #ifdef VLOPS_WITH_CUDA
@@ -63,6 +77,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("diffusion_step_cuda", &vlops::cuda::diffusion_step_cuda, kStepDoc, VLOPS_STEP_ARGS,
         py::call_guard<py::gil_scoped_release>());
 #endif
+
+  // Contrastive losses; the kernel contract is the docstring of vlops.ops.contrastive.
+  m.def("contrastive_lse_cpu", &vlops::cpu::contrastive_lse_cpu, py::arg("a"), py::arg("b"), py::arg("scale"),
+        "contrastive_lse_cpu(a, b, scale) -> (row_lse [N], col_lse [M]): log-sum-exp of S = scale * a @ b.T along "
+        "rows and columns, tiled (S is never stored).",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("clip_bwd_cpu", &vlops::cpu::clip_bwd_cpu, py::arg("a"), py::arg("b"), py::arg("scale"), py::arg("row_lse"),
+        py::arg("col_lse"), py::arg("coef_row"), py::arg("coef_col"), py::arg("row_center"), py::arg("col_center"),
+        "clip_bwd_cpu(a, b, scale, row_lse, col_lse, coef_row, coef_col, row_center, col_center) -> (da, db, "
+        "dscale [1]) with R = coef_row * exp(S - row_lse), C = coef_col * exp(S - col_lse), W = R + C, "
+        "dscale = sum R (a.b - row_center) + C (a.b - col_center).",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("siglip_fwd_cpu", &vlops::cpu::siglip_fwd_cpu, py::arg("a"), py::arg("b"), py::arg("scale"), py::arg("bias"),
+        py::arg("negative_only"),
+        "siglip_fwd_cpu(a, b, scale, bias, negative_only) -> loss_sum [1] = sum softplus(-z (S + bias)).",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("siglip_bwd_cpu", &vlops::cpu::siglip_bwd_cpu, py::arg("a"), py::arg("b"), py::arg("scale"), py::arg("bias"),
+        py::arg("negative_only"),
+        "siglip_bwd_cpu(a, b, scale, bias, negative_only) -> (da, db, dscale [1], dbias [1]) with "
+        "W = -z sigmoid(-z (S + bias)).",
+        py::call_guard<py::gil_scoped_release>());
 
   // Introspection and test hooks of the CPU kernels.
   m.def("cpu_isa", &vlops::cpu::cpu_isa, "The instruction set the CPU kernels use now (generic, avx2, avx512).");

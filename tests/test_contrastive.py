@@ -188,7 +188,7 @@ def test_zero_shot_topk_matches_full_softmax():
         v2, i2 = vlops.zero_shot_classify(a, c, 100.0, k=5)
     finally:
         ops._chunk_rows = orig
-    assert torch.equal(i2, i) and rel_err(v2, v) < 1e-6
+    assert torch.equal(i2, i) and rel_err(v2, v) < 1e-5
 
 
 def test_bad_input_errors():
