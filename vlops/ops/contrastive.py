@@ -109,6 +109,11 @@ def _kernel(name: str, device: torch.device):
 
 
 # ------------------------------------------------------------------ CLIP / ALIGN / UniCL
+def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[N] row-wise dot products without an [N, D] temporary."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
+
+
 def _targets(a32, b32, labels: Optional[torch.Tensor], eps: float):
     """(t_row, t_col): t_row_i = sum_j q_ij b_j, t_col_j = sum_i q_ij a_i (q symmetric)."""
     if labels is None:
@@ -136,7 +141,7 @@ def clip_loss_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, labels: 
     a32, b32 = a.to(dt), b.to(dt)
     t_row, _ = _targets(a32, b32, labels, label_smoothing)
     N = a.shape[0]
-    pos = (a32 * t_row).sum() * scale.to(dt)[0]
+    pos = _rowdot(a32, t_row).sum() * scale.to(dt)[0]
     loss = (row_lse.sum() + col_lse.sum()) / (2 * N) - pos / N
     return loss.float(), row_lse, col_lse
 
@@ -159,13 +164,12 @@ def clip_loss_backward_op(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, 
     t_row, t_col = _targets(a32, b32, labels, label_smoothing)
     # centres u_i = a_i . t_row_i, v_j = b_j . t_col_j: dscale = c sum R (G - u) + c sum C (G - v),
     # since sum_j P_row_ij = 1 and c (sum u + sum v) = 2 c sum_i a_i . t_row_i (the target term)
-    u, v = (a32 * t_row).sum(1), (b32 * t_col).sum(1)
+    u, v = _rowdot(a32, t_row), _rowdot(b32, t_col)
     ka, kb, ks = _kernel("clip_bwd", a.device)(a, b, scale, row_lse, col_lse, c, c, u, v)
-    s = scale.to(dt)
-    g = grad.to(dt)
-    da = (g * s) * (ka - 2 * c * t_row)
-    db = (g * s) * (kb - 2 * c * t_col)
-    dscale = g * ks
+    gs = grad.to(dt) * scale.to(dt)
+    da = ka.sub_(t_row, alpha=2 * c).mul_(gs)  # in place on the kernel's fresh outputs: no [N, D] temporaries
+    db = kb.sub_(t_col, alpha=2 * c).mul_(gs)
+    dscale = grad.to(dt) * ks
     return da.to(a.dtype), db.to(b.dtype), dscale.to(scale.dtype).reshape(scale.shape)
 
 
@@ -210,8 +214,8 @@ def siglip_loss_backward_op(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     ka, kb, ks, kbias = _kernel("siglip_bwd", a.device)(a, b, scale, bias, negative_only)
     dt = ka.dtype
     g = grad.to(dt) / a.shape[0]
-    s = scale.to(dt)
-    return ((g * s) * ka).to(a.dtype), ((g * s) * kb).to(b.dtype), (g * ks).to(scale.dtype).reshape(
+    gs = g * scale.to(dt)
+    return ka.mul_(gs).to(a.dtype), kb.mul_(gs).to(b.dtype), (g * ks).to(scale.dtype).reshape(
         scale.shape), (g * kbias).to(bias.dtype).reshape(bias.shape)
 
 
