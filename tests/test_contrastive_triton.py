@@ -23,7 +23,6 @@ import importlib
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -251,22 +250,9 @@ def _worker(device: str, out_json: str, seed: int) -> int:
 # pytest side (no triton import here)
 
 def _run_worker(tmp_path_factory, device: str, interpret: bool):
-    pytest.importorskip("triton")
-    seed = int.from_bytes(os.urandom(4), "little")
-    out = str(tmp_path_factory.mktemp(f"contrastive_triton_{device}") / "results.json")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    print(f"\n[contrastive triton] device={device} interpret={interpret} seed={seed}")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", device, out, str(seed)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"worker failed ({proc.returncode}), seed {seed}:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    with open(out) as f:
-        res = json.load(f)
-    print(f"[contrastive triton] {len(res['cases'])} cases in {res['total_s']:.1f} s")
-    return res
+    from triton_worker import run_worker
+
+    return run_worker(__file__, "contrastive", tmp_path_factory, device, interpret)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 return values (``open_clip.loss.ClipLoss`` / ``SigLipLoss``), computed by the fused tiled kernels."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .. import contrastive as F
