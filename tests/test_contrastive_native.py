@@ -26,7 +26,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-10}
 SIZES = [1, 2, 7, 129, 300]
 DIMS = [3, 64, 100]
-SEED_BASE = int.from_bytes(os.urandom(4), "little")  # fresh inputs each run; printed on failure
+SEED_BASE = int(os.environ.get("VLOPS_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))  # printed on failure
 
 
 def _gen(*salt) -> torch.Generator:
@@ -70,9 +70,11 @@ def relerr(out, ref):
     ref = ref.double()
     assert out.shape == ref.shape, (out.shape, ref.shape)
     assert torch.isfinite(out).all(), "non-finite output"
-    den = ref.norm()
-    num = (out - ref).norm()
-    return (num / den).item() if den > 0 else num.item()
+    # float32 outputs cannot hold values below its normal range (~1e-38; a saturated sigmoid at
+    # |L| > 88): a reference that small is judged by absolute error against 1e-30
+    den = max(ref.norm().item(), 1e-30)
+    num = (out - ref).norm().item()
+    return num / den
 
 
 def _softplus(t):
