@@ -136,7 +136,7 @@ def check(name, outs, refs, eager, dtype, info):
         assert o.dtype == _out_dtype(dtype), (name, k, o.dtype)
         err = relerr(o, r)
         bound = TOL[dtype]
-        if dtype == torch.float32:
+        if dtype != torch.float64:  # ill-conditioned sums (d scale, d bias): 2x the same math in eager fp32
             bound = max(bound, 2.0 * relerr(e, r))
         assert err <= bound, f"{name} output {k}: relerr {err:.3e} > {bound:.3e} ({info}, seed {SEED_BASE})"
 
