@@ -368,23 +368,9 @@ def _worker(device: str, out_json: str, seed: int) -> int:
 # --------------------------------------------------------------------------------------------
 # pytest side (no triton import here)
 
-def _run_worker(tmp_path_factory, device: str, interpret: bool):
-    from triton_worker import run_worker
+from triton_worker import worker_fixtures  # noqa: E402
 
-    return run_worker(__file__, "diffusion", tmp_path_factory, device, interpret)
-
-
-@pytest.fixture(scope="module")
-def interp_results(tmp_path_factory):
-    return _run_worker(tmp_path_factory, "cpu", interpret=True)
-
-
-@pytest.fixture(scope="module")
-def gpu_results(tmp_path_factory):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU")
-    return _run_worker(tmp_path_factory, "cuda", interpret=False)
+interp_results, gpu_results = worker_fixtures(__file__, "diffusion")
 
 
 def _check_case(res, case):

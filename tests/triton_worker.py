@@ -34,3 +34,21 @@ def run_worker(script: str, tag: str, tmp_path_factory, device: str, interpret: 
         res = json.load(f)
     print(f"[{tag} triton] {len(res['cases'])} cases in {res['total_s']:.1f} s")
     return res
+
+
+def worker_fixtures(script: str, tag: str):
+    """The two module-scoped fixtures of a Triton test module: interpreter results (always) and
+    compiled-GPU results (skipped without a CUDA device)."""
+
+    @pytest.fixture(scope="module")
+    def interp_results(tmp_path_factory):
+        return run_worker(script, tag, tmp_path_factory, "cpu", interpret=True)
+
+    @pytest.fixture(scope="module")
+    def gpu_results(tmp_path_factory):
+        torch = pytest.importorskip("torch")
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA GPU")
+        return run_worker(script, tag, tmp_path_factory, "cuda", interpret=False)
+
+    return interp_results, gpu_results
