@@ -48,27 +48,22 @@ def _feats(N, D, dtype, device, unit=True, M=None):
     return a.to(dtype), b.to(dtype)
 
 
-def _loss_and_grads(fn, a, b, scale, bias):
-    a = a.detach().clone().requires_grad_()
-    b = b.detach().clone().requires_grad_()
-    s = torch.tensor(scale, dtype=torch.float32, device=a.device, requires_grad=True)
-    bb = None if bias is None else torch.tensor(bias, dtype=torch.float32, device=a.device, requires_grad=True)
+def _loss_and_grads(fn, a, b, scale, bias, float64: bool = False):
+    """Loss and gradients for (a, b, scale[, bias]); scale and bias as float32 scalars, or everything
+    upcast to float64 (the reference) with ``float64=True``. A gradient autograd leaves unset is zero."""
+    sdt = torch.float64 if float64 else torch.float32
+    a = (a.detach().double() if float64 else a.detach().clone()).requires_grad_()
+    b = (b.detach().double() if float64 else b.detach().clone()).requires_grad_()
+    s = torch.tensor(scale, dtype=sdt, device=a.device, requires_grad=True)
+    bb = None if bias is None else torch.tensor(bias, dtype=sdt, device=a.device, requires_grad=True)
     loss = fn(a, b, s, bb)
     wrt = [a, b, s] + ([bb] if bb is not None else [])
     grads = torch.autograd.grad(loss, wrt, allow_unused=True)
-    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
-    return loss, grads
+    return loss, [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
 
 
 def _float64(fn, a, b, scale, bias):
-    a64 = a.detach().double().requires_grad_()
-    b64 = b.detach().double().requires_grad_()
-    s = torch.tensor(scale, dtype=torch.float64, device=a.device, requires_grad=True)
-    bb = None if bias is None else torch.tensor(bias, dtype=torch.float64, device=a.device, requires_grad=True)
-    loss = fn(a64, b64, s, bb)
-    wrt = [a64, b64, s] + ([bb] if bb is not None else [])
-    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
-    return loss, [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+    return _loss_and_grads(fn, a, b, scale, bias, float64=True)
 
 
 def _clip_floors(a, b, scale):
