@@ -139,6 +139,16 @@ def siglip_sum_floors(a, b, scale, bias, neg):
     return {2: (W * X).abs().sum().item(), 3: W.abs().sum().item()}
 
 
+def clip_sum_floors(a, b, scale, row_lse, col_lse, cr, cc):
+    """sum |terms| of clip_bwd's d scale (terms of both signs), as siglip_sum_floors."""
+    X = a.double() @ b.double().T
+    S = float(scale) * X
+    R = cr * torch.exp(S - row_lse.double()[:, None])
+    C = cc * torch.exp(S - col_lse.double()[None, :])
+    u, v = (t.double() for t in _centers(row_lse, col_lse))
+    return {2: ((R * (X - u[:, None])).abs() + (C * (X - v[None, :])).abs()).sum().item()}
+
+
 def check(name, outs, refs, eager, dtype, info, floors=None):
     outs, refs, eager = ((x if isinstance(x, (tuple, list)) else (x,)) for x in (outs, refs, eager))
     assert len(outs) == len(refs) == len(eager), (name, len(outs), len(refs))
@@ -170,7 +180,8 @@ def run_case(fn, N, M, D, dtype, kind, neg=False, salt=0):
             cc = 0.0
         out = _clip_bwd(a, b, scale, rl, cl, cr, cc)
         check(fn, out, f_clip_bwd(a, b, scale, rl, cl, cr, cc, torch.float64),
-              f_clip_bwd(a, b, scale, rl, cl, cr, cc, torch.float32), dtype, info)
+              f_clip_bwd(a, b, scale, rl, cl, cr, cc, torch.float32), dtype, info,
+              floors=clip_sum_floors(a, b, scale, rl, cl, cr, cc))
     elif fn == "siglip_fwd":
         out = _C.siglip_fwd_cpu(a, b, scale, bias, neg)
         assert out.shape == (1,)
