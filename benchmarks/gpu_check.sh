@@ -12,9 +12,10 @@
 #   build      VLOPS_BUILD_CUDA=1 pip install --no-build-isolation --no-deps -e . (timed); if pip fails,
 #              python3 setup.py build_ext --inplace
 #   backends   python3 -m vlops (backend availability)
-#   gpu-tests  python3 -m pytest -m gpu -x -q
 #   bench      python3 benchmarks/run.py --device cuda --out OUTDIR (all ops, full sizes)
-#   op-tests   the diffusion op's full test suite (CUDA cases included when a GPU is present)
+#   tune       python3 benchmarks/contrastive_tune.py (the contrastive kernels one by one, tile variants,
+#              cuBLAS products of the same shapes, one forward + backward at N = 1,048,576)
+#   gpu-tests  python3 -m pytest -m gpu -q (every GPU-marked test, failures listed)
 #
 # Files written to OUTDIR (at most 8 come back): log.txt (everything), summary.txt, and the runner's
 # <device>.csv, <device>.png, <device>.txt.
@@ -81,7 +82,9 @@ main() {
         echo "no .whl/*.whl carried: the benchmark baseline will be reference-eager (no diffusers)"
     fi
     export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-    python3 -c "import diffusers; print('diffusers', diffusers.__version__)" 2>/dev/null || echo "diffusers: not importable"
+    for m in diffusers open_clip; do
+        python3 -c "import $m; print('$m', $m.__version__)" 2>&1 | tail -n 1
+    done
 
     export VLOPS_BUILD_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" PIP_BREAK_SYSTEM_PACKAGES=1 PIP_NO_INPUT=1
     stage build 240 python3 -m pip install --no-build-isolation --no-deps -e .
@@ -93,17 +96,9 @@ main() {
         echo "vlops._C: not importable"
 
     stage backends 60 python3 -m vlops
-    stage gpu-tests 100 python3 -m pytest -m gpu -x -q -p no:cacheprovider
-    stage bench 180 python3 benchmarks/run.py --device cuda --out "$OUTDIR" --verbose
-    local suite
-    suite=$(ls tests/test_diffusion*.py 2>/dev/null | tr '\n' ' ')
-    if [ -n "$suite" ]; then
-        # shellcheck disable=SC2086
-        stage op-tests 150 python3 -m pytest $suite -q -p no:cacheprovider -rfE --maxfail=20
-    else
-        SUMMARY+=("op-tests   SKIPPED (no tests/test_diffusion*.py)")
-    fi
-
+    stage bench 200 python3 benchmarks/run.py --device cuda --out "$OUTDIR" --verbose
+    stage tune 150 python3 benchmarks/contrastive_tune.py
+    stage gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --maxfail=20
     echo
     echo "=== summary ($(($(date +%s) - START))s of ${BUDGET}s)"
     printf '%s\n' "${SUMMARY[@]}" | tee "$OUTDIR/summary.txt"
