@@ -102,23 +102,18 @@ def main():
     rows = torch.arange(0, N, max(1, N // 256), device=dev)[:256]
     s_ref, lse_ref = ref_rows(a, b, scale, rows)
     col_ref = torch.logsumexp((b[rows].float() @ a.float().T) * scale, dim=1)
-    base = K.block_config("lse", a.element_size())
-    lse_cfgs = [{}, dict(BLOCK_Y=128), dict(num_stages=4), dict(BLOCK_X=64, num_warps=4),
-                dict(BLOCK_Y=128, BLOCK_D=128 if a.element_size() == 2 else 64, num_stages=2)]
-    best = None
-    for cfg in lse_cfgs:
-        full = {**base, **cfg}
+    variants = [("fused", {}), ("fused", dict(BLOCK_Y=64)), ("chunked", {}), ("chunked", dict(CHUNK_ROWS=2048)),
+                ("chunked", dict(CHUNK_ROWS=8192))]
+    for method, cfg in variants:
         try:
-            row, col = K.contrastive_lse(a, b, scale, blocks=cfg)
+            row, col = K.contrastive_lse(a, b, scale, blocks=cfg, method=method)
             err = max(float((row[rows] - lse_ref).abs().max()), float((col[rows] - col_ref).abs().max()))
-            ms = timed(lambda: K.contrastive_lse(a, b, scale, blocks=cfg), args.reps)
+            ms = timed(lambda: K.contrastive_lse(a, b, scale, blocks=cfg, method=method), args.reps)
         except Exception as e:
-            print(f"lse {full}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            print(f"lse {method} {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
-        line(f"lse {cfg or 'default'}", ms, 4 * nnd, extra=f"max |lse err| {err:.2e}")
-        if best is None or ms < best[0]:
-            best = (ms, cfg)
-    print(f"best lse: {best}", flush=True)
+        line(f"lse {method} {cfg or 'default'}", ms, (4 if method == "fused" else 2) * nnd,
+             extra=f"max |lse err| {err:.2e}")
 
     # backward: the CLIP gradient kernels (da and db), checked on 256 rows of da
     row, col = K.contrastive_lse(a, b, scale)
@@ -127,34 +122,36 @@ def main():
     cr = cc = 0.5 / N
     w = cr * torch.exp(s_ref - row[rows, None]) + cc * torch.exp(s_ref - col[None, :])
     da_ref = w @ b.float()
-    gbase = K.block_config("grad", a.element_size())
-    grad_cfgs = [{}, dict(BLOCK_DO=128), dict(BLOCK_DO=512), dict(BLOCK_X=128, BLOCK_DO=128),
-                 dict(BLOCK_Y=128, BLOCK_DO=128), dict(num_stages=3)]
-    best = None
-    for cfg in grad_cfgs:
-        full = {**gbase, **cfg}
-        chunks = math.ceil(D / full["BLOCK_DO"])
+    variants = [("fused", {}), ("fused", dict(BLOCK_DO=512)), ("chunked", {}), ("chunked", dict(CHUNK_ROWS=2048)),
+                ("chunked", dict(CHUNK_ROWS=8192))]
+    for method, cfg in variants:
+        full = {**K.block_config("grad", a.element_size()), **cfg}
+        chunks = math.ceil(D / full["BLOCK_DO"]) if method == "fused" else 2
         try:
-            da, db, ds = K.clip_bwd(a, b, scale, row, col, cr, cc, center_r, center_c, blocks=cfg)
+            da, db, ds = K.clip_bwd(a, b, scale, row, col, cr, cc, center_r, center_c, blocks=cfg, method=method)
             rel = float((da[rows] - da_ref).norm() / da_ref.norm())
-            ms = timed(lambda: K.clip_bwd(a, b, scale, row, col, cr, cc, center_r, center_c, blocks=cfg), args.reps)
+            ms = timed(lambda: K.clip_bwd(a, b, scale, row, col, cr, cc, center_r, center_c, blocks=cfg,
+                                          method=method), args.reps)
         except Exception as e:
-            print(f"grad {full}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            print(f"grad {method} {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
-        line(f"clip grad {cfg or 'default'}", ms, 4 * nnd, 2 * (chunks + 1) * 2 * nnd,
-             extra=f"da rel err {rel:.2e}")
-        if best is None or ms < best[0]:
-            best = (ms, cfg)
-    print(f"best grad: {best}", flush=True)
+        line(f"clip grad {method} {cfg or 'default'}", ms, 4 * nnd, 2 * (chunks + 1) * 2 * nnd,
+             extra=f"da rel err {rel:.2e}, dscale {float(ds):.4e}")
     del s_ref, w, da_ref
 
-    # SigLIP forward and gradient at the default tiles
+    # SigLIP forward and gradient
     bias = torch.tensor([-10.0], device=dev)
-    line("siglip fwd default", timed(lambda: K.siglip_fwd(a, b, scale, bias, False), args.reps), 2 * nnd)
-    full = K.block_config("grad", a.element_size())
-    chunks = math.ceil(D / full["BLOCK_DO"])
-    line("siglip grad default", timed(lambda: K.siglip_bwd(a, b, scale, bias, False), args.reps), 4 * nnd,
-         2 * (chunks + 1) * 2 * nnd)
+    for method in ("fused", "chunked"):
+        try:
+            f = float(K.siglip_fwd(a, b, scale, bias, False, method=method))
+            line(f"siglip fwd {method}", timed(lambda: K.siglip_fwd(a, b, scale, bias, False, method=method),
+                                                args.reps), 2 * nnd, extra=f"loss sum {f:.6e}")
+            g = K.siglip_bwd(a, b, scale, bias, False, method=method)
+            line(f"siglip grad {method}", timed(lambda: K.siglip_bwd(a, b, scale, bias, False, method=method),
+                                                 args.reps), 4 * nnd,
+                 extra=f"|da| {float(g[0].norm()):.6e} dscale {float(g[2]):.6e} dbias {float(g[3]):.6e}")
+        except Exception as e:
+            print(f"siglip {method}: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
     # the whole op through vlops (autograd), forward + backward
     import vlops

@@ -17,6 +17,9 @@
 #              cuBLAS products of the same shapes, one forward + backward at N = 1,048,576)
 #   gpu-tests  python3 -m pytest -m gpu -q (every GPU-marked test, failures listed)
 #
+# GPU_BENCH_ARGS and GPU_TEST_ARGS add words to the bench and gpu-tests commands (e.g. "--ops contrastive",
+# "tests/test_contrastive.py").
+#
 # Files written to OUTDIR (at most 8 come back): log.txt (everything), summary.txt, and the runner's
 # <device>.csv, <device>.png, <device>.txt.
 set -u
@@ -96,9 +99,11 @@ main() {
         echo "vlops._C: not importable"
 
     stage backends 60 python3 -m vlops
-    stage bench 200 python3 benchmarks/run.py --device cuda --out "$OUTDIR" --verbose
+    # shellcheck disable=SC2086  # GPU_BENCH_ARGS / GPU_TEST_ARGS: extra words, e.g. "--ops contrastive"
+    stage bench 200 python3 benchmarks/run.py --device cuda --out "$OUTDIR" --verbose ${GPU_BENCH_ARGS:-}
     stage tune 150 python3 benchmarks/contrastive_tune.py
-    stage gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --maxfail=20
+    # shellcheck disable=SC2086
+    stage gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --maxfail=20 ${GPU_TEST_ARGS:-}
     echo
     echo "=== summary ($(($(date +%s) - START))s of ${BUDGET}s)"
     printf '%s\n' "${SUMMARY[@]}" | tee "$OUTDIR/summary.txt"

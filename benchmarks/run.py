@@ -321,6 +321,17 @@ def use_backend(name: str):
     return fn(name)
 
 
+def has_kernel(op: str, backend: str) -> bool:
+    """Whether vlops has a ``backend`` kernel for ``op`` at all (e.g. no CUDA C++ one for the contrastive
+    losses): such backends are left out of that op's rows rather than reported as errors."""
+    try:
+        from vlops import _backends
+    except ImportError:
+        return True
+    kernels = getattr(_backends, "OP_KERNELS", {}).get(op)
+    return backend == "reference" or kernels is None or kernels.get(backend) is not None
+
+
 def select_backends(device: torch.device, asked) -> tuple[list[str], list[str]]:
     """(backends to run, notes)."""
     reasons = vlops_backend_reasons(device)
@@ -405,7 +416,7 @@ def run_case(case, device, backends, args, ceilings, log):
 
     setup = case.setup or (lambda impl, inp: inp)
     impls = [Impl(case.eager_label, None, "eager", case.eager)]
-    use = [b for b in backends if case.backends is None or b in case.backends]
+    use = [b for b in backends if (case.backends is None or b in case.backends) and has_kernel(case.op, b)]
     impls += [Impl(b, b, "fused", case.fused) for b in use]
     if cuda and case.graph_fused is not None:
         impls += [Impl(b + "+graph", b, "fused+cudagraph", case.graph_fused) for b in use]

@@ -56,7 +56,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["contrastive_lse", "clip_bwd", "siglip_fwd", "siglip_bwd", "AOT_SPECS", "block_config"]
+__all__ = ["contrastive_lse", "clip_bwd", "siglip_fwd", "siglip_bwd", "AOT_SPECS", "block_config", "default_method"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,6 +68,10 @@ def _dot(p, q, acc, F32_DOT: tl.constexpr):
     interpreter's dot multiplies the raw bits of bf16 tensors."""
     if F32_DOT:
         return tl.dot(p.to(tl.float32), q.to(tl.float32), acc)
+    elif p.dtype == tl.float32:
+        # tf32x3 (3 tf32 wgmmas, ~fp32 accurate): one tf32 pass (2**-11 per operand) measured
+        # 5e-4..8e-4 relative gradient errors on an H200, over the fp32 bound
+        return tl.dot(p, q, acc, input_precision="tf32x3")
     else:
         return tl.dot(p, q, acc)
 
@@ -99,12 +103,9 @@ def _raw_dot(x_ptr, y_ptr, rx64, ry64, mx, my, D,
         md = d < D
         xc = tl.load(xp + d[None, :], mask=mx[:, None] & md[None, :], other=0.0)
         yc = tl.load(yp + d[None, :], mask=my[:, None] & md[None, :], other=0.0)
-        if xc.dtype == tl.float32:
-            # tf32x3 (3 tf32 wgmmas, ~fp32 accurate): S feeds exp(), so its absolute error is
-            # amplified by |S| (up to ~100); one tf32 pass would give ~1e-3 relative at scale 100.
-            acc = tl.dot(xc, tl.trans(yc), acc, input_precision="tf32x3")
-        else:
-            acc = _dot(xc, tl.trans(yc), acc, F32_DOT)
+        # fp32: tf32x3 (see _dot): S feeds exp(), so its absolute error is amplified by |S| (up to
+        # ~100); one tf32 pass would give ~1e-3 relative at scale 100
+        acc = _dot(xc, tl.trans(yc), acc, F32_DOT)
     return acc
 
 
@@ -262,20 +263,129 @@ _INTERPRETED = type(_lse_kernel).__name__ == "InterpretedFunction"
 
 
 # ---------------------------------------------------------------------------------------------
+# chunked kernels: elementwise passes over a [R, M] block of raw dots computed by a matrix product
+# (cuBLAS on CUDA), R rows of a at a time (see _chunked_* below)
+
+@triton.jit
+def _store_w(w_ptr, offs, w, mask, F32_DOT: tl.constexpr):
+    """Store fp32 w into w_ptr's dtype, rounded to nearest even (see _round_to)."""
+    dt: tl.constexpr = w_ptr.dtype.element_ty
+    tl.store(w_ptr + offs, _round_to(w, dt, F32_DOT).to(dt), mask=mask)
+
+
+@triton.jit
+def _chunk_lse_kernel(raw_ptr, R, M, scale_ptr, pm_ptr, pl_ptr, cm_ptr, cl_ptr, P_STRIDE,
+                      BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program per BLOCK_M columns of raw [R, M]: t = scale * raw. Row partials over its columns
+    (pm/pl[pid, r] = max_j t, sum_j exp(t - max)) and the running column statistics cm/cl[j]
+    (max, sum exp(t - max) over every row seen so far) merged with these R rows."""
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    mc = cols < M
+    scale = tl.load(scale_ptr).to(tl.float32)
+    c_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    c_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mr = rows < R
+        valid = mr[:, None] & mc[None, :]
+        t = tl.load(raw_ptr + rows.to(tl.int64)[:, None] * M + cols[None, :], mask=valid, other=0.0) * scale
+        t = tl.where(valid, t, float("-inf"))
+        r_m = tl.max(t, 1)
+        r_m_safe = tl.where(mr, r_m, 0.0)
+        r_l = tl.sum(tl.exp(t - r_m_safe[:, None]), 1)
+        tl.store(pm_ptr + pid * P_STRIDE + rows, r_m, mask=mr)
+        tl.store(pl_ptr + pid * P_STRIDE + rows, r_l, mask=mr)
+        b_m = tl.max(t, 0)
+        new_m = tl.where(mc, tl.maximum(c_m, b_m), 0.0)
+        c_l = c_l * tl.exp(c_m - new_m) + tl.sum(tl.exp(t - new_m[None, :]), 0)
+        c_m = tl.where(mc, new_m, float("-inf"))
+    old_m = tl.load(cm_ptr + cols, mask=mc, other=float("-inf"))
+    old_l = tl.load(cl_ptr + cols, mask=mc, other=0.0)
+    new_m = tl.where(mc, tl.maximum(old_m, c_m), 0.0)
+    new_l = old_l * tl.exp(old_m - new_m) + c_l * tl.exp(c_m - new_m)
+    tl.store(cm_ptr + cols, new_m, mask=mc)
+    tl.store(cl_ptr + cols, new_l, mask=mc)
+
+
+@triton.jit
+def _chunk_clip_w_kernel(raw_ptr, w_ptr, R, M, row0, scale_ptr, lse_r_ptr, lse_c_ptr, ctr_r_ptr, ctr_c_ptr,
+                         part_ptr, c_r, c_c, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                         F32_DOT: tl.constexpr):
+    """w = c_r exp(S - lse_r[row0 + i]) + c_c exp(S - lse_c[j]) in w's dtype (rounded to nearest
+    even), S = scale * raw; part[program] = sum R_ij (raw_ij - ctr_r) + C_ij (raw_ij - ctr_c)."""
+    pid_r = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mr = rows < R
+    mc = cols < M
+    valid = mr[:, None] & mc[None, :]
+    offs = rows.to(tl.int64)[:, None] * M + cols[None, :]
+    scale = tl.load(scale_ptr).to(tl.float32)
+    raw = tl.load(raw_ptr + offs, mask=valid, other=0.0)
+    s = raw * scale
+    g = row0 + rows
+    lse_r = tl.load(lse_r_ptr + g, mask=mr, other=0.0)
+    lse_c = tl.load(lse_c_ptr + cols, mask=mc, other=0.0)
+    wr = c_r * tl.exp(s - lse_r[:, None])
+    wc = c_c * tl.exp(s - lse_c[None, :])
+    _store_w(w_ptr, offs, wr + wc, valid, F32_DOT)
+    ctr_r = tl.load(ctr_r_ptr + g, mask=mr, other=0.0)
+    ctr_c = tl.load(ctr_c_ptr + cols, mask=mc, other=0.0)
+    t = wr * (raw - ctr_r[:, None]) + wc * (raw - ctr_c[None, :])
+    tl.store(part_ptr + pid_r * tl.num_programs(1) + pid_m, tl.sum(tl.sum(tl.where(valid, t, 0.0), 1), 0))
+
+
+@triton.jit
+def _chunk_siglip_kernel(raw_ptr, w_ptr, R, M, row0, scale_ptr, bias_ptr, part_ptr, part_b_ptr,
+                         NEG_ONLY: tl.constexpr, GRAD: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_M: tl.constexpr, F32_DOT: tl.constexpr):
+    """Not GRAD: part[program] = sum softplus(-z (S + bias)). GRAD: w = -z sigmoid(-z (S + bias)) in
+    w's dtype, part[program] = sum w * raw, part_b[program] = sum w (z = +1 where row0 + i == j)."""
+    pid_r = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mr = rows < R
+    mc = cols < M
+    valid = mr[:, None] & mc[None, :]
+    offs = rows.to(tl.int64)[:, None] * M + cols[None, :]
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    raw = tl.load(raw_ptr + offs, mask=valid, other=0.0)
+    t, z = _siglip_t(raw, scale, bias, row0 + rows, cols, NEG_ONLY)
+    pidx = pid_r * tl.num_programs(1) + pid_m
+    if GRAD:
+        e = tl.exp(-tl.abs(t))
+        w = tl.where(valid, -z * (tl.where(t >= 0, 1.0, e) / (1.0 + e)), 0.0)
+        _store_w(w_ptr, offs, w, valid, F32_DOT)
+        tl.store(part_ptr + pidx, tl.sum(tl.sum(w * raw, 1), 0))
+        tl.store(part_b_ptr + pidx, tl.sum(tl.sum(w, 1), 0))
+    else:
+        sp = tl.maximum(t, 0.0) + _log1p_small(tl.exp(-tl.abs(t)))
+        tl.store(part_ptr + pidx, tl.sum(tl.sum(tl.where(valid, sp, 0.0), 1), 0))
+
+
+# ---------------------------------------------------------------------------------------------
 # launch configuration
 
 def block_config(kind: str, element_size: int) -> dict:
     """Tile sizes and launch options per kernel kind ("lse", "fwd", "grad") and input element size
     (4 fp32, 2 bf16/fp16). Chosen to compile for sm_90a with wgmma, no spills and shared memory
     well under the Hopper limit (see AOT_SPECS / tests/test_aot_sm90.py); not tuned on a GPU."""
-    bd = 64 if element_size <= 2 else 32
+    half = element_size <= 2
+    bd = 64 if half else 32
     if kind in ("lse", "fwd"):
-        return dict(BLOCK_X=128, BLOCK_Y=64, BLOCK_D=bd, num_warps=8, num_stages=3)
+        # 16-bit: BLOCK_Y=128 ran the row + column LSE of N=65536, D=768 bf16 in 31 ms on an H200
+        # against 48 ms with BLOCK_Y=64 (benchmarks/contrastive_tune.py)
+        return dict(BLOCK_X=128, BLOCK_Y=128 if half else 64, BLOCK_D=bd, num_warps=8, num_stages=3)
     if kind == "grad":
         # BLOCK_DO: output features per program; D > BLOCK_DO recomputes S per chunk. 256 for 16-bit
-        # inputs (182 registers), 128 for fp32 (BLOCK_DO=256 needs 220-229 registers).
-        return dict(BLOCK_X=64, BLOCK_Y=64, BLOCK_D=bd, BLOCK_DO=256 if element_size <= 2 else 128,
-                    num_warps=8, num_stages=2)
+        # inputs (182 registers), 64 for fp32 (both dots tf32x3: BLOCK_DO=128 spills). 16-bit:
+        # num_stages=3 took 327 ms against 482 ms with 2 (same H200 study).
+        return dict(BLOCK_X=64, BLOCK_Y=64, BLOCK_D=bd, BLOCK_DO=256 if half else 64,
+                    num_warps=8, num_stages=3 if half else 2)
     raise ValueError(f"unknown kernel kind {kind!r}")
 
 
@@ -325,11 +435,14 @@ def _grid_args(cfg, NX, D=None):
 # ---------------------------------------------------------------------------------------------
 # launchers (kernel contract of vlops.ops.contrastive)
 
-def contrastive_lse(a, b, scale, *, blocks=None):
-    """(row_lse [N], col_lse [M]) float32. ``blocks`` (keyword-only, tests): tile overrides."""
+def contrastive_lse(a, b, scale, *, blocks=None, method=None):
+    """(row_lse [N], col_lse [M]) float32. Keyword-only (tests, tuning): ``blocks`` tile overrides,
+    ``method`` "fused" / "chunked" (default: see :func:`default_method`)."""
     import torch
 
     _validate(a, b, scale)
+    if _method(a, method) == "chunked":
+        return _chunked_lse(a, b, scale, blocks)
     N, D = a.shape
     M = b.shape[0]
     cfg = _cfg("lse", a, blocks)
@@ -341,7 +454,8 @@ def contrastive_lse(a, b, scale, *, blocks=None):
     return row, col
 
 
-def clip_bwd(a, b, scale, row_lse, col_lse, coef_row, coef_col, row_center, col_center, *, blocks=None):
+def clip_bwd(a, b, scale, row_lse, col_lse, coef_row, coef_col, row_center, col_center, *, blocks=None,
+             method=None):
     """(da [N, D], db [M, D], dscale [1]) float32 (see the module docstring)."""
     import torch
 
@@ -353,12 +467,14 @@ def clip_bwd(a, b, scale, row_lse, col_lse, coef_row, coef_col, row_center, col_
         _check(t.dtype == torch.float32 and t.dim() == 1 and t.numel() == n and t.is_contiguous(),
                f"{name} must be a contiguous float32 [{n}], got {t.dtype} {tuple(t.shape)}")
         _check(t.device == a.device, f"{name} must be on {a.device}, got {t.device}")
+    cr, cc = float(coef_row), float(coef_col)
+    if _method(a, method) == "chunked":
+        return _chunked_clip_bwd(a, b, scale, row_lse, col_lse, cr, cc, row_center, col_center, blocks)
     cfg = _cfg("grad", a, blocks)
     da = torch.empty(N, D, dtype=torch.float32, device=a.device)
     db = torch.empty(M, D, dtype=torch.float32, device=a.device)
     grid, consts, opts = _grid_args(cfg, N, D)
     part = torch.empty(grid[0], dtype=torch.float32, device=a.device)
-    cr, cc = float(coef_row), float(coef_col)
     _clip_grad_kernel[grid](a, b, scale, row_lse, col_lse, row_center, col_center, da, part, N, M, D, cr, cc,
                             WRITE_PART=True, **consts, **opts)
     grid, consts, opts = _grid_args(cfg, M, D)
@@ -367,11 +483,13 @@ def clip_bwd(a, b, scale, row_lse, col_lse, coef_row, coef_col, row_center, col_
     return da, db, part.sum().reshape(1)
 
 
-def siglip_fwd(a, b, scale, bias, negative_only, *, blocks=None):
+def siglip_fwd(a, b, scale, bias, negative_only, *, blocks=None, method=None):
     """loss_sum [1] float32: sum_ij softplus(-z_ij (S_ij + bias))."""
     import torch
 
     _validate(a, b, scale, bias)
+    if _method(a, method) == "chunked":
+        return _chunked_siglip(a, b, scale, bias, bool(negative_only), False, blocks)
     N, D = a.shape
     M = b.shape[0]
     cfg = _cfg("fwd", a, blocks)
@@ -381,11 +499,13 @@ def siglip_fwd(a, b, scale, bias, negative_only, *, blocks=None):
     return part.sum().reshape(1)
 
 
-def siglip_bwd(a, b, scale, bias, negative_only, *, blocks=None):
+def siglip_bwd(a, b, scale, bias, negative_only, *, blocks=None, method=None):
     """(da [N, D], db [M, D], dscale [1], dbias [1]) float32."""
     import torch
 
     _validate(a, b, scale, bias)
+    if _method(a, method) == "chunked":
+        return _chunked_siglip(a, b, scale, bias, bool(negative_only), True, blocks)
     N, D = a.shape
     M = b.shape[0]
     cfg = _cfg("grad", a, blocks)
@@ -401,6 +521,153 @@ def siglip_bwd(a, b, scale, bias, negative_only, *, blocks=None):
     _siglip_grad_kernel[grid](b, a, scale, bias, db, part_s, part_b, M, N, D,
                               NEG_ONLY=neg, WRITE_PART=False, **consts, **opts)
     return da, db, part_s.sum().reshape(1), part_b.sum().reshape(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the chunked method: R rows of a at a time, raw = a[rows] @ b.T by a matrix product into an fp32
+# workspace [R, M] (cuBLAS on CUDA: 16-bit products are exact in fp32, fp32 accumulation), then one
+# elementwise Triton pass over it; the backward's W @ b and W.T @ a are matrix products too. The
+# workspace (raw in fp32 and W in the input dtype, ``(4 + element size) * R * M`` bytes) is bounded by
+# WORKSPACE_BYTES: never the N x M matrix, unless it fits in that bound.
+
+WORKSPACE_BYTES = 256 << 20
+MIN_CHUNK_ROWS = 256  # below this the matrix products lose their efficiency
+_CHUNK_BLOCKS = dict(BLOCK_R=32, BLOCK_M=128, num_warps=4)
+_MM_DTYPE = {"ok": None}  # whether torch.mm(..., out_dtype=float32) works on CUDA (torch >= 2.8)
+
+
+def default_method(a) -> str:
+    """"chunked" for 16-bit inputs on a CUDA device (the products go through cuBLAS at full tensor-core
+    rate), "fused" otherwise (fp32 inputs, whose fused tf32x3 dots are ~fp32 accurate; the interpreter)."""
+    return "chunked" if a.is_cuda and a.element_size() == 2 and not _INTERPRETED else "fused"
+
+
+def _method(a, method):
+    if method is None:
+        return default_method(a)
+    _check(method in ("fused", "chunked"), f"method must be 'fused' or 'chunked', got {method!r}")
+    return method
+
+
+def _chunk_rows(a, M, blocks):
+    N = a.shape[0]
+    if blocks and "CHUNK_ROWS" in blocks:
+        return max(1, min(N, int(blocks["CHUNK_ROWS"])))
+    per_row = M * (4 + a.element_size())
+    return max(1, min(N, max(MIN_CHUNK_ROWS, WORKSPACE_BYTES // per_row)))
+
+
+def _mm_f32(x, y, out, accumulate=False):
+    """out (float32) = x @ y, or out += x @ y: products of the inputs' dtype, fp32 accumulation."""
+    import torch
+
+    if x.is_cuda and x.dtype != torch.float32 and _MM_DTYPE["ok"] is not False:
+        try:
+            if accumulate:
+                torch.ops.aten.addmm.dtype_out(out, x, y, torch.float32, out=out)
+            else:
+                torch.ops.aten.mm.dtype_out(x, y, torch.float32, out=out)
+            _MM_DTYPE["ok"] = True
+            return
+        except (RuntimeError, NotImplementedError, AttributeError):
+            if _MM_DTYPE["ok"]:
+                raise
+            _MM_DTYPE["ok"] = False  # this torch has no fp32-output 16-bit products: widen instead
+    x32, y32 = x.float(), y.float()  # exact widening
+    if accumulate:
+        torch.addmm(out, x32, y32, out=out)
+    else:
+        torch.mm(x32, y32, out=out)
+
+
+def _chunk_grid(R, M):
+    return (triton.cdiv(R, _CHUNK_BLOCKS["BLOCK_R"]), triton.cdiv(M, _CHUNK_BLOCKS["BLOCK_M"]))
+
+
+def _chunk_consts():
+    return dict(BLOCK_R=_CHUNK_BLOCKS["BLOCK_R"], BLOCK_M=_CHUNK_BLOCKS["BLOCK_M"],
+                num_warps=_CHUNK_BLOCKS["num_warps"])
+
+
+def _chunked_lse(a, b, scale, blocks):
+    import torch
+
+    N, M = a.shape[0], b.shape[0]
+    C = _chunk_rows(a, M, blocks)
+    f32 = dict(dtype=torch.float32, device=a.device)
+    raw = torch.empty(C, M, **f32)
+    n_cb = triton.cdiv(M, _CHUNK_BLOCKS["BLOCK_M"])
+    pm = torch.empty(n_cb, C, **f32)
+    pl = torch.empty(n_cb, C, **f32)
+    cm = torch.full((M,), float("-inf"), **f32)
+    cl = torch.zeros(M, **f32)
+    row = torch.empty(N, **f32)
+    bt = b.t()
+    for r0 in range(0, N, C):
+        R = min(C, N - r0)
+        _mm_f32(a[r0:r0 + R], bt, raw[:R])
+        _chunk_lse_kernel[(n_cb,)](raw, R, M, scale, pm, pl, cm, cl, C, **_chunk_consts())
+        torch.logsumexp(pm[:, :R] + torch.log(pl[:, :R]), 0, out=row[r0:r0 + R])
+    return row, cm + torch.log(cl)
+
+
+def _chunked_clip_bwd(a, b, scale, row_lse, col_lse, cr, cc, row_center, col_center, blocks):
+    import torch
+
+    (N, D), M = a.shape, b.shape[0]
+    C = _chunk_rows(a, M, blocks)
+    f32 = dict(dtype=torch.float32, device=a.device)
+    raw = torch.empty(C, M, **f32)
+    w = torch.empty(C, M, dtype=a.dtype, device=a.device)
+    da = torch.empty(N, D, **f32)
+    db = torch.zeros(M, D, **f32)
+    bt = b.t()
+    sums = []
+    for r0 in range(0, N, C):
+        R = min(C, N - r0)
+        ac = a[r0:r0 + R]
+        _mm_f32(ac, bt, raw[:R])
+        grid = _chunk_grid(R, M)
+        part = torch.empty(grid[0] * grid[1], **f32)
+        _chunk_clip_w_kernel[grid](raw, w, R, M, r0, scale, row_lse, col_lse, row_center, col_center, part, cr, cc,
+                                   F32_DOT=_INTERPRETED, **_chunk_consts())
+        sums.append(part.sum())
+        _mm_f32(w[:R], b, da[r0:r0 + R])
+        _mm_f32(w[:R].t(), ac, db, accumulate=True)
+    return da, db, torch.stack(sums).sum().reshape(1)
+
+
+def _chunked_siglip(a, b, scale, bias, neg, grad, blocks):
+    import torch
+
+    (N, D), M = a.shape, b.shape[0]
+    C = _chunk_rows(a, M, blocks)
+    f32 = dict(dtype=torch.float32, device=a.device)
+    raw = torch.empty(C, M, **f32)
+    w = torch.empty(C, M, dtype=a.dtype, device=a.device) if grad else raw
+    if grad:
+        da = torch.empty(N, D, **f32)
+        db = torch.zeros(M, D, **f32)
+    bt = b.t()
+    sums, sums_b = [], []
+    for r0 in range(0, N, C):
+        R = min(C, N - r0)
+        ac = a[r0:r0 + R]
+        _mm_f32(ac, bt, raw[:R])
+        grid = _chunk_grid(R, M)
+        part = torch.empty(grid[0] * grid[1], **f32)
+        part_b = torch.empty(grid[0] * grid[1], **f32) if grad else part
+        _chunk_siglip_kernel[grid](raw, w, R, M, r0, scale, bias, part, part_b, NEG_ONLY=neg, GRAD=grad,
+                                   F32_DOT=_INTERPRETED, **_chunk_consts())
+        sums.append(part.sum())
+        if grad:
+            sums_b.append(part_b.sum())
+            _mm_f32(w[:R], b, da[r0:r0 + R])
+            _mm_f32(w[:R].t(), ac, db, accumulate=True)
+    total = torch.stack(sums).sum().reshape(1)
+    if not grad:
+        return total
+    return da, db, total, torch.stack(sums_b).sum().reshape(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,7 +706,35 @@ def _aot_spec(kernel: str, dtype: str, **flags):
             "divisibility_16": divisible, "matmul": True}
 
 
+def _aot_chunk_spec(kernel, dtype, **flags):
+    fn = {"chunk_lse": _chunk_lse_kernel, "chunk_clip_w": _chunk_clip_w_kernel,
+          "chunk_siglip": _chunk_siglip_kernel}[kernel]
+    constexprs = {k: v for k, v in _CHUNK_BLOCKS.items() if k in fn.arg_names}
+    constexprs.update(flags)
+    if "F32_DOT" in fn.arg_names:
+        constexprs["F32_DOT"] = False
+    ints = {"R", "M", "row0", "P_STRIDE"}
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name == "w_ptr":
+            signature[name] = f"*{dtype}"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32"
+        else:
+            signature[name] = "i32" if name in ints else "fp32"
+    flag_s = "".join(f"_{k.lower()}" for k, v in flags.items() if v)
+    return {"name": f"contrastive_{kernel}_{dtype}{flag_s}", "kernel": fn, "signature": signature,
+            "constexprs": constexprs, "num_warps": _CHUNK_BLOCKS["num_warps"], "num_stages": 1,
+            "divisibility_16": [n for n in fn.arg_names if n.endswith("_ptr")] + ["M"]}
+
+
 AOT_SPECS = [
+    _aot_chunk_spec("chunk_lse", "fp32"),
+    *[_aot_chunk_spec("chunk_clip_w", dt) for dt in ("bf16", "fp16")],
+    _aot_chunk_spec("chunk_siglip", "bf16", NEG_ONLY=False, GRAD=False),
+    _aot_chunk_spec("chunk_siglip", "bf16", NEG_ONLY=False, GRAD=True),
     *[_aot_spec("lse", dt) for dt in ("fp32", "bf16", "fp16")],
     *[_aot_spec("clip_grad", dt, WRITE_PART=True) for dt in ("fp32", "bf16", "fp16")],
     _aot_spec("clip_grad", "bf16", WRITE_PART=False),
