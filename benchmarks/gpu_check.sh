@@ -17,8 +17,8 @@
 #              cuBLAS products of the same shapes, one forward + backward at N = 1,048,576)
 #   gpu-tests  python3 -m pytest -m gpu -q (every GPU-marked test, failures listed)
 #
-# GPU_BENCH_ARGS and GPU_TEST_ARGS add words to the bench and gpu-tests commands (e.g. "--ops contrastive",
-# "tests/test_contrastive.py").
+# GPU_BENCH_ARGS, GPU_TUNE_ARGS and GPU_TEST_ARGS add words to the bench, tune and gpu-tests commands (e.g.
+# "--ops contrastive", "--huge 0", "tests/test_contrastive.py"); GPU_TUNE_ARGS=skip leaves the study out.
 #
 # Files written to OUTDIR (at most 8 come back): log.txt (everything), summary.txt, and the runner's
 # <device>.csv, <device>.png, <device>.txt.
@@ -101,7 +101,10 @@ main() {
     stage backends 60 python3 -m vlops
     # shellcheck disable=SC2086  # GPU_BENCH_ARGS / GPU_TEST_ARGS: extra words, e.g. "--ops contrastive"
     stage bench 200 python3 benchmarks/run.py --device cuda --out "$OUTDIR" --verbose ${GPU_BENCH_ARGS:-}
-    stage tune 150 python3 benchmarks/contrastive_tune.py
+    if [ "${GPU_TUNE_ARGS:-}" != skip ]; then
+        # shellcheck disable=SC2086
+        stage tune 150 python3 benchmarks/contrastive_tune.py ${GPU_TUNE_ARGS:-}
+    fi
     # shellcheck disable=SC2086
     stage gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --maxfail=20 ${GPU_TEST_ARGS:-}
     echo

@@ -309,11 +309,12 @@ def _chunk_lse_kernel(raw_ptr, R, M, scale_ptr, pm_ptr, pl_ptr, cm_ptr, cl_ptr, 
 
 
 @triton.jit
-def _chunk_clip_w_kernel(raw_ptr, w_ptr, R, M, row0, scale_ptr, lse_r_ptr, lse_c_ptr, ctr_r_ptr, ctr_c_ptr,
+def _chunk_clip_w_kernel(x_ptr, y_ptr, D, w_ptr, R, M, row0, scale_ptr, lse_r_ptr, lse_c_ptr, ctr_r_ptr, ctr_c_ptr,
                          part_ptr, c_r, c_c, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-                         F32_DOT: tl.constexpr):
-    """w = c_r exp(S - lse_r[row0 + i]) + c_c exp(S - lse_c[j]) in w's dtype (rounded to nearest
-    even), S = scale * raw; part[program] = sum R_ij (raw_ij - ctr_r) + C_ij (raw_ij - ctr_c)."""
+                         BLOCK_D: tl.constexpr, F32_DOT: tl.constexpr):
+    """w[i, j] = c_r exp(S - lse_r[row0 + i]) + c_c exp(S - lse_c[j]) in w's dtype (rounded to nearest
+    even), S = scale * raw, raw = x[i] . y[j] (x: the chunk's R rows, tl.dot tiles);
+    part[program] = sum R_ij (raw_ij - ctr_r) + C_ij (raw_ij - ctr_c)."""
     pid_r = tl.program_id(0)
     pid_m = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -321,16 +322,16 @@ def _chunk_clip_w_kernel(raw_ptr, w_ptr, R, M, row0, scale_ptr, lse_r_ptr, lse_c
     mr = rows < R
     mc = cols < M
     valid = mr[:, None] & mc[None, :]
-    offs = rows.to(tl.int64)[:, None] * M + cols[None, :]
+    raw = _raw_dot(x_ptr, y_ptr, rows.to(tl.int64), cols.to(tl.int64), mr, mc, D, BLOCK_R, BLOCK_M, BLOCK_D,
+                   F32_DOT)
     scale = tl.load(scale_ptr).to(tl.float32)
-    raw = tl.load(raw_ptr + offs, mask=valid, other=0.0)
     s = raw * scale
     g = row0 + rows
     lse_r = tl.load(lse_r_ptr + g, mask=mr, other=0.0)
     lse_c = tl.load(lse_c_ptr + cols, mask=mc, other=0.0)
     wr = c_r * tl.exp(s - lse_r[:, None])
     wc = c_c * tl.exp(s - lse_c[None, :])
-    _store_w(w_ptr, offs, wr + wc, valid, F32_DOT)
+    _store_w(w_ptr, rows.to(tl.int64)[:, None] * M + cols[None, :], wr + wc, valid, F32_DOT)
     ctr_r = tl.load(ctr_r_ptr + g, mask=mr, other=0.0)
     ctr_c = tl.load(ctr_c_ptr + cols, mask=mc, other=0.0)
     t = wr * (raw - ctr_r[:, None]) + wc * (raw - ctr_c[None, :])
@@ -338,11 +339,12 @@ def _chunk_clip_w_kernel(raw_ptr, w_ptr, R, M, row0, scale_ptr, lse_r_ptr, lse_c
 
 
 @triton.jit
-def _chunk_siglip_kernel(raw_ptr, w_ptr, R, M, row0, scale_ptr, bias_ptr, part_ptr, part_b_ptr,
+def _chunk_siglip_kernel(raw_ptr, x_ptr, y_ptr, D, w_ptr, R, M, row0, scale_ptr, bias_ptr, part_ptr, part_b_ptr,
                          NEG_ONLY: tl.constexpr, GRAD: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_M: tl.constexpr, F32_DOT: tl.constexpr):
-    """Not GRAD: part[program] = sum softplus(-z (S + bias)). GRAD: w = -z sigmoid(-z (S + bias)) in
-    w's dtype, part[program] = sum w * raw, part_b[program] = sum w (z = +1 where row0 + i == j)."""
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, F32_DOT: tl.constexpr):
+    """Not GRAD: raw [R, M] read from raw_ptr, part[program] = sum softplus(-z (S + bias)). GRAD: raw =
+    x[i] . y[j] (tl.dot tiles), w = -z sigmoid(-z (S + bias)) in w's dtype, part[program] = sum w * raw,
+    part_b[program] = sum w (z = +1 where row0 + i == j)."""
     pid_r = tl.program_id(0)
     pid_m = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -353,7 +355,11 @@ def _chunk_siglip_kernel(raw_ptr, w_ptr, R, M, row0, scale_ptr, bias_ptr, part_p
     offs = rows.to(tl.int64)[:, None] * M + cols[None, :]
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
-    raw = tl.load(raw_ptr + offs, mask=valid, other=0.0)
+    if GRAD:
+        raw = _raw_dot(x_ptr, y_ptr, rows.to(tl.int64), cols.to(tl.int64), mr, mc, D, BLOCK_R, BLOCK_M, BLOCK_D,
+                       F32_DOT)
+    else:
+        raw = tl.load(raw_ptr + offs, mask=valid, other=0.0)
     t, z = _siglip_t(raw, scale, bias, row0 + rows, cols, NEG_ONLY)
     pidx = pid_r * tl.num_programs(1) + pid_m
     if GRAD:
@@ -549,12 +555,11 @@ def _method(a, method):
     return method
 
 
-def _chunk_rows(a, M, blocks):
+def _chunk_rows(a, M, blocks, elem_bytes):
     N = a.shape[0]
     if blocks and "CHUNK_ROWS" in blocks:
         return max(1, min(N, int(blocks["CHUNK_ROWS"])))
-    per_row = M * (4 + a.element_size())
-    return max(1, min(N, max(MIN_CHUNK_ROWS, WORKSPACE_BYTES // per_row)))
+    return max(1, min(N, max(MIN_CHUNK_ROWS, WORKSPACE_BYTES // (M * elem_bytes))))
 
 
 def _mm_f32(x, y, out, accumulate=False):
@@ -580,8 +585,15 @@ def _mm_f32(x, y, out, accumulate=False):
         torch.mm(x32, y32, out=out)
 
 
-def _chunk_grid(R, M):
-    return (triton.cdiv(R, _CHUNK_BLOCKS["BLOCK_R"]), triton.cdiv(M, _CHUNK_BLOCKS["BLOCK_M"]))
+def _dot_blocks(a):
+    """Tiles of the chunk kernels that compute raw with tl.dot: the fused LSE kernel's."""
+    cfg = block_config("lse", a.element_size())
+    return dict(BLOCK_R=cfg["BLOCK_X"], BLOCK_M=cfg["BLOCK_Y"], BLOCK_D=cfg["BLOCK_D"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _chunk_grid(R, M, blk):
+    return (triton.cdiv(R, blk["BLOCK_R"]), triton.cdiv(M, blk["BLOCK_M"]))
 
 
 def _chunk_consts():
@@ -593,7 +605,7 @@ def _chunked_lse(a, b, scale, blocks):
     import torch
 
     N, M = a.shape[0], b.shape[0]
-    C = _chunk_rows(a, M, blocks)
+    C = _chunk_rows(a, M, blocks, 4)
     f32 = dict(dtype=torch.float32, device=a.device)
     raw = torch.empty(C, M, **f32)
     n_cb = triton.cdiv(M, _CHUNK_BLOCKS["BLOCK_M"])
@@ -615,22 +627,20 @@ def _chunked_clip_bwd(a, b, scale, row_lse, col_lse, cr, cc, row_center, col_cen
     import torch
 
     (N, D), M = a.shape, b.shape[0]
-    C = _chunk_rows(a, M, blocks)
+    C = _chunk_rows(a, M, blocks, a.element_size())
     f32 = dict(dtype=torch.float32, device=a.device)
-    raw = torch.empty(C, M, **f32)
     w = torch.empty(C, M, dtype=a.dtype, device=a.device)
     da = torch.empty(N, D, **f32)
     db = torch.zeros(M, D, **f32)
-    bt = b.t()
+    blk = _dot_blocks(a)
     sums = []
     for r0 in range(0, N, C):
         R = min(C, N - r0)
         ac = a[r0:r0 + R]
-        _mm_f32(ac, bt, raw[:R])
-        grid = _chunk_grid(R, M)
+        grid = _chunk_grid(R, M, blk)
         part = torch.empty(grid[0] * grid[1], **f32)
-        _chunk_clip_w_kernel[grid](raw, w, R, M, r0, scale, row_lse, col_lse, row_center, col_center, part, cr, cc,
-                                   F32_DOT=_INTERPRETED, **_chunk_consts())
+        _chunk_clip_w_kernel[grid](ac, b, D, w, R, M, r0, scale, row_lse, col_lse, row_center, col_center, part,
+                                   cr, cc, F32_DOT=_INTERPRETED, **blk)
         sums.append(part.sum())
         _mm_f32(w[:R], b, da[r0:r0 + R])
         _mm_f32(w[:R].t(), ac, db, accumulate=True)
@@ -638,27 +648,33 @@ def _chunked_clip_bwd(a, b, scale, row_lse, col_lse, cr, cc, row_center, col_cen
 
 
 def _chunked_siglip(a, b, scale, bias, neg, grad, blocks):
+    """The forward reads raw from a cuBLAS product; the gradient computes it in its kernel (tl.dot),
+    so that its workspace holds only W."""
     import torch
 
     (N, D), M = a.shape, b.shape[0]
-    C = _chunk_rows(a, M, blocks)
+    C = _chunk_rows(a, M, blocks, a.element_size() if grad else 4)
     f32 = dict(dtype=torch.float32, device=a.device)
-    raw = torch.empty(C, M, **f32)
-    w = torch.empty(C, M, dtype=a.dtype, device=a.device) if grad else raw
     if grad:
+        w = raw = torch.empty(C, M, dtype=a.dtype, device=a.device)
         da = torch.empty(N, D, **f32)
         db = torch.zeros(M, D, **f32)
+        blk = _dot_blocks(a)
+    else:
+        w = raw = torch.empty(C, M, **f32)
+        blk = dict(_CHUNK_BLOCKS, BLOCK_D=16)
     bt = b.t()
     sums, sums_b = [], []
     for r0 in range(0, N, C):
         R = min(C, N - r0)
         ac = a[r0:r0 + R]
-        _mm_f32(ac, bt, raw[:R])
-        grid = _chunk_grid(R, M)
+        if not grad:
+            _mm_f32(ac, bt, raw[:R])
+        grid = _chunk_grid(R, M, blk)
         part = torch.empty(grid[0] * grid[1], **f32)
         part_b = torch.empty(grid[0] * grid[1], **f32) if grad else part
-        _chunk_siglip_kernel[grid](raw, w, R, M, r0, scale, bias, part, part_b, NEG_ONLY=neg, GRAD=grad,
-                                   F32_DOT=_INTERPRETED, **_chunk_consts())
+        _chunk_siglip_kernel[grid](raw, ac, b, D, w, R, M, r0, scale, bias, part, part_b, NEG_ONLY=neg, GRAD=grad,
+                                   F32_DOT=_INTERPRETED, **blk)
         sums.append(part.sum())
         if grad:
             sums_b.append(part_b.sum())
@@ -709,16 +725,20 @@ def _aot_spec(kernel: str, dtype: str, **flags):
 def _aot_chunk_spec(kernel, dtype, **flags):
     fn = {"chunk_lse": _chunk_lse_kernel, "chunk_clip_w": _chunk_clip_w_kernel,
           "chunk_siglip": _chunk_siglip_kernel}[kernel]
-    constexprs = {k: v for k, v in _CHUNK_BLOCKS.items() if k in fn.arg_names}
+    dot = kernel == "chunk_clip_w" or flags.get("GRAD", False)
+    cfg = block_config("lse", _ELEM_SIZE[dtype])
+    blk = dict(BLOCK_R=cfg["BLOCK_X"], BLOCK_M=cfg["BLOCK_Y"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+               num_stages=cfg["num_stages"]) if dot else dict(_CHUNK_BLOCKS, BLOCK_D=16, num_stages=1)
+    constexprs = {k: v for k, v in blk.items() if k in fn.arg_names}
     constexprs.update(flags)
     if "F32_DOT" in fn.arg_names:
         constexprs["F32_DOT"] = False
-    ints = {"R", "M", "row0", "P_STRIDE"}
+    ints = {"R", "M", "row0", "P_STRIDE", "D"}
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name == "w_ptr":
+        elif name in ("w_ptr", "x_ptr", "y_ptr"):
             signature[name] = f"*{dtype}"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32"
@@ -726,12 +746,12 @@ def _aot_chunk_spec(kernel, dtype, **flags):
             signature[name] = "i32" if name in ints else "fp32"
     flag_s = "".join(f"_{k.lower()}" for k, v in flags.items() if v)
     return {"name": f"contrastive_{kernel}_{dtype}{flag_s}", "kernel": fn, "signature": signature,
-            "constexprs": constexprs, "num_warps": _CHUNK_BLOCKS["num_warps"], "num_stages": 1,
-            "divisibility_16": [n for n in fn.arg_names if n.endswith("_ptr")] + ["M"]}
+            "constexprs": constexprs, "num_warps": blk["num_warps"], "num_stages": blk["num_stages"],
+            "divisibility_16": [n for n in fn.arg_names if n.endswith("_ptr") or n in ("M", "D")], "matmul": dot}
 
 
 AOT_SPECS = [
-    _aot_chunk_spec("chunk_lse", "fp32"),
+    _aot_chunk_spec("chunk_lse", "bf16"),
     *[_aot_chunk_spec("chunk_clip_w", dt) for dt in ("bf16", "fp16")],
     _aot_chunk_spec("chunk_siglip", "bf16", NEG_ONLY=False, GRAD=False),
     _aot_chunk_spec("chunk_siglip", "bf16", NEG_ONLY=False, GRAD=True),
