@@ -8,7 +8,8 @@ a CUDA GPU the same worker also runs compiled (``test_gpu_*``).
 
 Each case draws fresh ``a`` [N, D], ``b`` [M, D] (unit-norm rows or plain normal rows) and runs all
 four launchers (``contrastive_lse``, ``clip_bwd`` fed the float64 LSEs rounded to fp32,
-``siglip_fwd``, ``siglip_bwd``); the reference builds ``S = scale * a @ b.T`` in float64 from the
+``siglip_fwd``, ``siglip_bwd``), by the default method or, where the case names one, by the "fused" or
+the "chunked" method; the reference builds ``S = scale * a @ b.T`` in float64 from the
 same (dtype-rounded) inputs and applies the contract's formulas. Bounds, relative error
 ``||out - ref|| / ||ref||``: fp32 1e-5 interpreted (numpy fp32 dots), 5e-4 compiled (tf32 in the
 ``W @ y`` dots; 1e-3 when N or M is 1, where the tf32 rounding does not average out), in both cases at least ``2**-22 * max|S|`` (the fp32 rounding of S and of the LSEs,
@@ -46,12 +47,14 @@ def _cases() -> list[dict]:
     cases = []
 
     def add(**kw):
-        c = dict(dtype="float32", N=7, M=7, D=16, scale=1.0, unit=True, neg=False, dup=False, blocks=None)
+        c = dict(dtype="float32", N=7, M=7, D=16, scale=1.0, unit=True, neg=False, dup=False, blocks=None,
+                 method=None)
         c.update(kw)
         c["id"] = (f"{c['dtype'].replace('float', 'f')}-N{c['N']}M{c['M']}D{c['D']}-s{c['scale']:g}"
                    f"-{'unit' if c['unit'] else 'randn'}" + ("-neg" if c["neg"] else "")
                    + ("-dup" if c["dup"] else "") + ("-blk" + "_".join(f"{v}" for v in c["blocks"].values())
-                                                     if c["blocks"] else ""))
+                                                     if c["blocks"] else "")
+                   + (f"-{c['method']}" if c["method"] else ""))
         cases.append(c)
 
     shapes = [(1, 1), (7, 7), (33, 70), (70, 33), (70, 70), (1, 7), (7, 1)]
@@ -77,6 +80,16 @@ def _cases() -> list[dict]:
     add(dtype="float32", N=70, M=33, D=100, scale=30.0, blocks=small)
     add(dtype="bfloat16", N=33, M=70, D=100, scale=100.0, neg=True, blocks=small)
     add(dtype="float32", N=1, M=70, D=3, scale=100.0, unit=False, blocks=small)
+    # both methods explicitly (the default is "fused" on CPU tensors and for fp32, "chunked" for 16-bit
+    # CUDA tensors); CHUNK_ROWS below N: several chunks, a short last one, the column statistics merged
+    for dt in ("float32", "bfloat16", "float16"):
+        for method in ("fused", "chunked"):
+            add(dtype=dt, N=70, M=33, D=100, scale=100.0, method=method, neg=method == "chunked")
+    for blocks in ({"CHUNK_ROWS": 16}, {"CHUNK_ROWS": 1}):
+        add(dtype="bfloat16", N=70, M=70, D=100, scale=100.0, dup=True, method="chunked", blocks=blocks)
+        add(dtype="float32", N=33, M=70, D=16, scale=30.0, unit=False, method="chunked", blocks=blocks)
+    add(dtype="bfloat16", N=1, M=7, D=3, scale=1.0, method="chunked")
+    add(dtype="float32", N=7, M=1, D=16, scale=100.0, method="chunked", neg=True)
     return cases
 
 
@@ -141,7 +154,7 @@ def _run_case(torch, k, c, gen, device):
     da_, db_ = a.to(device), b.to(device)
     before = (da_.clone(), db_.clone())
     sc, bi = scale.to(device), bias.to(device)
-    blocks = c["blocks"]
+    kw = dict(blocks=c["blocks"], method=c["method"])
 
     # float64 contract math from the same (rounded) inputs
     A, B = a.double(), b.double()
@@ -165,11 +178,11 @@ def _run_case(torch, k, c, gen, device):
     Ws = -z * torch.sigmoid(-z * L)
 
     t0 = time.perf_counter()
-    row, col = k.contrastive_lse(da_, db_, sc, blocks=blocks)
+    row, col = k.contrastive_lse(da_, db_, sc, **kw)
     cda, cdb, cds = k.clip_bwd(da_, db_, sc, row_ref.float().to(device), col_ref.float().to(device), coef_row,
-                               coef_col, ctr_r.float().to(device), ctr_c.float().to(device), blocks=blocks)
-    loss = k.siglip_fwd(da_, db_, sc, bi, c["neg"], blocks=blocks)
-    sda, sdb, sds, sdbias = k.siglip_bwd(da_, db_, sc, bi, c["neg"], blocks=blocks)
+                               coef_col, ctr_r.float().to(device), ctr_c.float().to(device), **kw)
+    loss = k.siglip_fwd(da_, db_, sc, bi, c["neg"], **kw)
+    sda, sdb, sds, sdbias = k.siglip_bwd(da_, db_, sc, bi, c["neg"], **kw)
     if device == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
@@ -210,6 +223,8 @@ def _bad_input_checks(torch, k):
                                       torch.zeros(5)),
         "dtype": lambda: k.siglip_bwd(a, b.double(), s, s, False),
         "contiguous": lambda: k.contrastive_lse(torch.randn(8, 4).T, b, s),
+        "method": lambda: k.clip_bwd(a, b, s, torch.zeros(4), torch.zeros(5), 1.0, 1.0, torch.zeros(4),
+                                     torch.zeros(5), method="tiled"),
     }
     for name, fn in bad.items():
         try:
