@@ -2,11 +2,27 @@
 
 The launchers take the kernel contract of :mod:`vlops.ops.contrastive` (``contrastive_lse``,
 ``clip_bwd``, ``siglip_fwd``, ``siglip_bwd``); each allocates and returns its float32 outputs. The
-``N x M`` similarity matrix ``S = scale * a @ b.T`` never exists in memory: every kernel recomputes
-its ``[BLOCK_X, BLOCK_Y]`` tiles of ``S`` from ``a`` and ``b`` with ``tl.dot`` (fp32 accumulation,
-a loop over ``D`` in ``BLOCK_D`` chunks, masked, so any ``D >= 1`` works) and reduces them at once.
+``N x M`` similarity matrix ``S = scale * a @ b.T`` never exists in memory. Two methods, chosen per
+call by ``method=`` (default :func:`default_method`):
 
-Every kernel is written over an "x side" (the rows a program owns) and a "y side" (the rows it loops
+- **fused** (fp32 inputs, CPU tensors under the interpreter): every kernel recomputes its
+  ``[BLOCK_X, BLOCK_Y]`` tiles of ``S`` from ``a`` and ``b`` with ``tl.dot`` (fp32 accumulation, a loop
+  over ``D`` in ``BLOCK_D`` chunks, masked, so any ``D >= 1`` works) and reduces them at once; no
+  workspace at all.
+- **chunked** (16-bit inputs on CUDA): ``R`` rows of ``a`` at a time. The forward computes
+  ``raw = a[rows] @ b.T`` with cuBLAS into an fp32 workspace (16-bit products are exact in fp32,
+  fp32 accumulation) and one elementwise Triton pass reduces it (``_chunk_lse_kernel``: row
+  partials and running column statistics; ``_chunk_siglip_kernel``: the loss). The backward computes
+  ``W`` for the chunk straight from ``tl.dot`` tiles into a workspace of the input dtype
+  (``_chunk_clip_w_kernel``, ``_chunk_siglip_kernel`` with ``GRAD``), then ``da[rows] = W @ b`` and
+  ``db += W.T @ a[rows]`` are cuBLAS products with fp32 output. The workspace is at most
+  ``WORKSPACE_BYTES`` (256 MiB; at least ``MIN_CHUNK_ROWS`` rows). Why: with ``D = 768`` a fused
+  gradient kernel cannot hold a ``[BLOCK_X, D]`` fp32 accumulator in registers, so it recomputes S
+  once per ``BLOCK_DO`` output features; on an H200 (N = 65536, D = 768, bf16) the fused CLIP
+  gradient took 325 ms (242 ms with ``BLOCK_DO=512``) and the chunked one 45 ms
+  (benchmarks/results/contrastive_tune_h200.txt).
+
+Every fused kernel is written over an "x side" (the rows a program owns) and a "y side" (the rows it loops
 over), so one kernel serves both directions: ``S.T = scale * b @ a.T``, and the SigLIP targets are
 symmetric (``i == j``), so the column pass is the row pass with ``a`` and ``b`` swapped.
 
@@ -38,18 +54,21 @@ Numerics: ``scale`` and ``bias`` are loaded from their fp32 [1] device tensors i
 ``e = exp(-|t|)``: finite for any |S| (logit_scale 100 with unit-norm features gives |S| <= 100).
 Row offsets are int64 (``N * D`` may exceed 2**31).
 
-Precision of the dots: bf16 / fp16 inputs use bf16 / fp16 ``tl.dot`` (fp32 accumulation; the
-products of 16-bit operands are exact in fp32, so S is as good as fp32), and ``W`` is rounded to the
-input dtype for the ``W @ y`` dot (as flash attention rounds P): <= 2**-8 (fp16 2**-11) relative
-per element, the gradients within ~4e-3 of the float64 contract. fp32 inputs: the S dot uses
-``input_precision="tf32x3"`` (three tf32 wgmmas, ~fp32 accurate): S feeds ``exp``, which turns an
-absolute error of S into a relative error of W, and a single tf32 pass (2**-11 relative per
-operand) would give ~1e-3 at logit_scale 100 with unit-norm features and ~0.1 with |S| ~ 1e3. The
-``W @ y`` dot is linear in its operands and uses the default tf32: gradients within ~5e-4 relative
-(the DESIGN.md tf32 bound; up to ~1e-3 for 1 x 1 problems, where nothing averages out). Any fp32
-implementation is further limited to ~``2**-22 * max|S|`` by the fp32 rounding of S and of the LSEs.
-Under ``TRITON_INTERPRET=1`` every dot is exact fp32 (numpy), so only the last limit applies there.
-The compiled accuracy has not been measured on a GPU yet (tests/test_contrastive_triton.py::test_gpu).
+Precision of the dots: bf16 / fp16 inputs use bf16 / fp16 ``tl.dot`` or cuBLAS products (fp32
+accumulation; the products of 16-bit operands are exact in fp32, so S is as good as fp32), and ``W``
+is rounded to the input dtype for the ``W @ y`` product (as flash attention rounds P): <= 2**-8
+(fp16 2**-11) relative per element, the gradients within ~4e-3 of the float64 contract. fp32
+inputs: both dots use ``input_precision="tf32x3"`` (three tf32 wgmmas, ~fp32 accurate). S feeds
+``exp``, which turns an absolute error of S into a relative error of W: a single tf32 pass (2**-11
+relative per operand) would give ~1e-3 at logit_scale 100 with unit-norm features and ~0.1 with
+|S| ~ 1e3; a single tf32 ``W @ y`` pass gave gradient errors of 5e-4..8e-4 on an H200, over the fp32
+bound. Any fp32 implementation is further limited to ~``2**-22 * max|S|`` by the fp32 rounding of S
+and of the LSEs. Under ``TRITON_INTERPRET=1`` every dot is exact fp32 (numpy), so only the last
+limit applies there. On an H200 (torch 2.11, triton 3.6) tests/test_contrastive.py and
+tests/test_contrastive_triton.py passed at commit 31f27f6 (fp32 fused, 16-bit chunked with the
+backward's raw from cuBLAS); the backward that computes W from ``tl.dot`` tiles came after and was
+checked there only by benchmarks/contrastive_tune.py (da within 2.9e-4 of an fp32 computation on 256
+rows, dscale equal to the fused kernel's) and by the runner's comparison with open_clip.
 """
 from __future__ import annotations
 
