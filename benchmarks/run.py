@@ -14,7 +14,8 @@ last-level cache), and for each one the runner reports:
   wherever the device is the bottleneck, and counts where it is not); with --sync-each the device
   is synchronised before each call, so every call's host overhead and launch latency count. CPU:
   time.perf_counter around each call. Warm-up first; enough repetitions for >= --min-time seconds per implementation.
-- peak memory beyond the inputs, in MB. CUDA: max_memory_allocated after reset_peak_memory_stats,
+- peak memory beyond the inputs, in MB (a case's ``reset`` runs first, e.g. to drop the last call's
+  gradients, so that the call's own outputs count). CUDA: max_memory_allocated after reset_peak_memory_stats,
   minus memory_allocated before. CPU: the process peak RSS (VmHWM, reset through
   /proc/self/clear_refs after malloc_trim) minus VmRSS before: process RSS, so allocator effects
   count.
@@ -467,6 +468,8 @@ def run_case(case, device, backends, args, ceilings, log):
     for im in live:
         try:
             with im.ctx():
+                if case.reset is not None:
+                    case.reset(sets[0])
                 im.peak_mb = peak_memory_mb(lambda: im.call(0), device)
         except Exception as e:
             im.error = f"{type(e).__name__}: {e}"[:300]

@@ -58,6 +58,9 @@ class Case:
     # in the CSV as check_relerr, so a fast but wrong kernel shows)
     check: Optional[Callable[[Any, Any], float]] = None
     note: str = ""  # free text written to the CSV (e.g. the options of the case)
+    # optional: reset(inputs) before the peak-memory call, outside it (e.g. drop the .grad of the last
+    # call, so that the gradients the measured call allocates count instead of reusing freed ones)
+    reset: Optional[Callable[[Any], None]] = None
 
     def __post_init__(self):
         if self.pass_ not in PASSES:

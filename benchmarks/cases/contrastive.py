@@ -4,6 +4,9 @@ Eager baseline: open_clip's ``ClipLoss`` / ``SigLipLoss`` (single process), whic
 N x N logits; fused: ``vlops.clip_loss`` / ``vlops.siglip_loss``. Unit-norm features,
 logit_scale 100 (CLIP's clamp) and SigLIP's bias -10, as trained models use them.
 
+Peak memory counts the gradients the call allocates (the last call's are dropped before it:
+``Case.reset``), 2 N D elements of the input dtype for each implementation.
+
 Floor: the three N x N x D matrix products a loss and its gradient need at the least (logits,
 d image, d text: 6 N^2 D flops for forward+backward, 2 N^2 D for forward) at the measured matmul
 rate of the dtype; bytes: the features read and their gradients written.
@@ -71,11 +74,15 @@ def _case(kind, pass_, N, D, dtype, device):
             return loss.detach()
         return call
 
+    def reset(inp):
+        for t in inp:
+            t.grad = None
+
     flops = (6.0 if grad else 2.0) * N * N * D
     nbytes = (4.0 if grad else 2.0) * N * D * dtype_bytes(dtype)
     return Case(name=f"{kind}_loss", op=OP, dtype=dtype, size=f"{N}x{D}", pass_=pass_, make=make,
                 eager=run(eager_loss), fused=run(fused_loss), floor_bytes=nbytes, floor_flops=flops,
-                eager_label="open_clip", check=_relerr,
+                eager_label="open_clip", check=_relerr, reset=reset,
                 note=f"unit-norm features, logit_scale={SCALE}" + (f", bias={BIAS}" if kind == "siglip" else ""))
 
 
