@@ -4,6 +4,8 @@ The data for choosing ``kernels/contrastive.block_config`` and the kernel design
 fused-vs-open_clip figures come from ``benchmarks/run.py``.
 
     python benchmarks/contrastive_tune.py [--n 65536] [--d 768] [--dtype bf16] [--huge 1048576]
+    python benchmarks/contrastive_tune.py --only-huge --device cpu --dtype fp32 --d 512 --huge 65536 \
+        --huge-backward-max-s 1000          (the CPU backend at N = 65536)
 
 Prints one line per measurement: milliseconds (median of CUDA-event timings), the counted TFLOP/s
 (the useful products: 2 N^2 D per S pass of the forward, 6 N^2 D for the loss gradient) and, for the
@@ -68,7 +70,14 @@ def main():
     p.add_argument("--huge-backward-max-s", type=float, default=12.0,
                    help="run the huge backward only when the huge forward took less than this")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of this script under TRITON_INTERPRET=1")
+    p.add_argument("--only-huge", action="store_true",
+                   help="only the huge run, through vlops.clip_loss on --device (any backend; e.g. --device cpu "
+                        "--dtype fp32 --d 512 --huge 65536)")
     args = p.parse_args()
+    if args.only_huge:
+        torch.manual_seed(0)
+        huge_run(args.huge, args.d, DT[args.dtype], torch.device(args.device), args.huge_backward_max_s)
+        return
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("contrastive_tune.py needs a CUDA device")
     from vlops.kernels import contrastive as K
@@ -172,36 +181,66 @@ def main():
         torch.cuda.empty_cache()
 
     if args.huge:
-        Nh = args.huge
-        x = torch.nn.functional.normalize(torch.randn(Nh, D, device=dev), dim=-1).to(dt).requires_grad_(True)
-        y = torch.nn.functional.normalize(torch.randn(Nh, D, device=dev), dim=-1).to(dt).requires_grad_(True)
-        sh = torch.tensor(100.0, device=dev, requires_grad=True)
-        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        mem = torch.cuda.memory_allocated if dev.type == "cuda" else (lambda: 0)
-        peak = torch.cuda.max_memory_allocated if dev.type == "cuda" else (lambda: 0)
+        huge_run(args.huge, D, dt, dev, args.huge_backward_max_s)
+
+
+def _cpu_peak_reset():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+
+
+def _cpu_kb(key):
+    with open("/proc/self/status") as f:
+        for ln in f:
+            if ln.startswith(key + ":"):
+                return int(ln.split()[1])
+    return 0
+
+
+def huge_run(Nh, D, dt, dev, backward_max_s):
+    """One vlops.clip_loss forward (and backward) at batch Nh: time, loss, peak memory beyond the inputs
+    (CUDA: allocator peak; CPU: process peak RSS)."""
+    import vlops
+
+    cuda = dev.type == "cuda"
+    w = torch.randn(min(Nh, 256), D, device=dev).to(dt).requires_grad_(True)  # warm-up: loading, compiling
+    vlops.clip_loss(w, w.detach().clone(), torch.tensor(10.0, device=dev, requires_grad=True)).backward()
+    del w
+    gen = torch.Generator(device=dev).manual_seed(1)
+    x = torch.nn.functional.normalize(torch.randn(Nh, D, device=dev, generator=gen), dim=-1).to(dt)
+    y = torch.nn.functional.normalize(torch.randn(Nh, D, device=dev, generator=gen), dim=-1).to(dt)
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    sh = torch.tensor(100.0, device=dev, requires_grad=True)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
         sync()
-        base_mem = mem()
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        loss = vlops.clip_loss(x, y, sh)
-        sync()
-        tf = time.perf_counter() - t0
-        hn = float(Nh) * Nh * D
-        print(f"huge N={Nh} D={D}: forward {tf:.2f} s ({4 * hn / tf / 1e12:.1f} TFLOP/s executed), loss "
-              f"{float(loss.detach()):.4f} (log N = {math.log(Nh):.4f}), peak beyond inputs "
-              f"{(peak() - base_mem) / 2**20:.1f} MiB", flush=True)
-        if tf < args.huge_backward_max_s:
-            t0 = time.perf_counter()
-            loss.backward()
-            sync()
-            tb = time.perf_counter() - t0
-            ok = all(bool(torch.isfinite(t.grad).all()) for t in (x, y, sh))
-            print(f"huge N={Nh}: backward {tb:.2f} s, grads finite: {ok}, dscale {float(sh.grad):.3e}, "
-                  f"peak beyond inputs {(peak() - base_mem) / 2**20:.1f} MiB "
-                  f"(includes the two gradients, {2 * Nh * D * x.element_size() / 2**20:.0f} MiB)", flush=True)
-        else:
-            print(f"huge N={Nh}: backward skipped (forward {tf:.1f} s > {args.huge_backward_max_s} s)")
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        peak_mib = lambda: (torch.cuda.max_memory_allocated() - base) / 2**20  # noqa: E731
+    else:
+        _cpu_peak_reset()
+        base = _cpu_kb("VmRSS")
+        peak_mib = lambda: (_cpu_kb("VmHWM") - base) / 1024  # noqa: E731
+    t0 = time.perf_counter()
+    loss = vlops.clip_loss(x, y, sh)
+    sync()
+    tf = time.perf_counter() - t0
+    hn = float(Nh) * Nh * D
+    print(f"huge N={Nh} D={D} {dt} on {dev.type}: forward {tf:.2f} s ({2 * hn / tf / 1e12:.3f} TFLOP/s of the "
+          f"2 N^2 D it must do), loss {float(loss.detach()):.4f}, peak beyond inputs {peak_mib():.1f} MiB",
+          flush=True)
+    if tf > backward_max_s:
+        print(f"huge N={Nh}: backward skipped (forward {tf:.1f} s > {backward_max_s} s)")
+        return
+    t0 = time.perf_counter()
+    loss.backward()
+    sync()
+    tb = time.perf_counter() - t0
+    ok = all(bool(torch.isfinite(t.grad).all()) for t in (x, y, sh))
+    print(f"huge N={Nh}: backward {tb:.2f} s, grads finite: {ok}, dscale {float(sh.grad):.3e}, peak beyond "
+          f"inputs {peak_mib():.1f} MiB (includes the two gradients, {2 * Nh * D * x.element_size() / 2**20:.0f} "
+          f"MiB); the N x N logits alone would take {Nh * Nh * x.element_size() / 2**30:.1f} GiB", flush=True)
 
 
 if __name__ == "__main__":

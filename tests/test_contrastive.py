@@ -216,6 +216,22 @@ def test_zero_shot_topk_matches_full_softmax():
     assert torch.equal(i2, i) and rel_err(v2, v) < 1e-5
 
 
+def test_positive_dots_of_16bit_inputs_in_chunks(monkeypatch):
+    """The loss's positive term and the gradient's centres are fp32 row dots of 16-bit inputs, converted a
+    few rows at a time (no [N, D] fp32 copy): several chunks, a short last one, same result."""
+    a, b = _feats(37, 24, torch.bfloat16, "cpu")
+    want = (a.double() * b.double()).sum(1)
+    one = ops._rowdot(a, b, torch.float32)
+    monkeypatch.setattr(ops, "_ROWDOT_CHUNK", 24 * 5)  # 5 rows per chunk
+    many = ops._rowdot(a, b, torch.float32)
+    assert many.dtype == torch.float32 and torch.equal(one, many)
+    assert rel_err(many, want) < 1e-6
+    with vlops.use_backend("cpu"):
+        got = _loss_and_grads(lambda *x: vlops.clip_loss(*x), a, b, 30.0, None)
+    ref64 = _float64(lambda *x: OCClipLoss()(*x), a, b, 30.0, None)
+    _check(*got, *ref64, torch.bfloat16, what="chunked positive dots")
+
+
 def test_bad_input_errors():
     a, b = torch.randn(4, 8), torch.randn(4, 8)
     cases = [

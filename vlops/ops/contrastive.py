@@ -109,9 +109,22 @@ def _kernel(name: str, device: torch.device):
 
 
 # ------------------------------------------------------------------ CLIP / ALIGN / UniCL
-def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """[N] row-wise dot products without an [N, D] temporary."""
-    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
+_ROWDOT_CHUNK = 1 << 22  # elements of x converted at a time by _rowdot
+
+
+def _rowdot(x: torch.Tensor, y: torch.Tensor, dt: Optional[torch.dtype] = None) -> torch.Tensor:
+    """[N] row-wise dot products in ``dt`` (default: x's dtype) without an [N, D] temporary: inputs of
+    another dtype are converted a few million elements at a time."""
+    dt = dt or x.dtype
+    if x.dtype == dt and y.dtype == dt:
+        return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
+    N, D = x.shape
+    out = torch.empty(N, dtype=dt, device=x.device)
+    step = max(1, _ROWDOT_CHUNK // max(D, 1))
+    for i in range(0, N, step):
+        xs, ys = x[i:i + step].to(dt), y[i:i + step].to(dt)
+        torch.bmm(xs.unsqueeze(1), ys.unsqueeze(2), out=out[i:i + step].view(-1, 1, 1))
+    return out
 
 
 def _targets(a32, b32, labels: Optional[torch.Tensor], eps: float):
@@ -138,10 +151,13 @@ def clip_loss_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, labels: 
     """(loss [] fp32, row_lse [N], col_lse [N]). The bias cancels in the loss (targets sum to one)."""
     row_lse, col_lse = _kernel("contrastive_lse", a.device)(a, b, scale)
     dt = row_lse.dtype
-    a32, b32 = a.to(dt), b.to(dt)
-    t_row, _ = _targets(a32, b32, labels, label_smoothing)
+    if labels is None and not label_smoothing:  # the common case: no [N, D] copies in the compute dtype
+        pos = _rowdot(a, b, dt).sum()
+    else:
+        t_row, _ = _targets(a.to(dt), b.to(dt), labels, label_smoothing)
+        pos = _rowdot(a.to(dt), t_row).sum()
     N = a.shape[0]
-    pos = _rowdot(a32, t_row).sum() * scale.to(dt)[0]
+    pos = pos * scale.to(dt)[0]
     loss = (row_lse.sum() + col_lse.sum()) / (2 * N) - pos / N
     return loss.float(), row_lse, col_lse
 
@@ -160,11 +176,15 @@ def clip_loss_backward_op(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, 
     N = a.shape[0]
     c = 0.5 / N
     dt = row_lse.dtype
-    a32, b32 = a.to(dt), b.to(dt)
-    t_row, t_col = _targets(a32, b32, labels, label_smoothing)
     # centres u_i = a_i . t_row_i, v_j = b_j . t_col_j: dscale = c sum R (G - u) + c sum C (G - v),
     # since sum_j P_row_ij = 1 and c (sum u + sum v) = 2 c sum_i a_i . t_row_i (the target term)
-    u, v = _rowdot(a32, t_row), _rowdot(b32, t_col)
+    if labels is None and not label_smoothing:  # targets b and a themselves: no [N, D] copies
+        t_row, t_col = b, a
+        u = v = _rowdot(a, b, dt)
+    else:
+        a32, b32 = a.to(dt), b.to(dt)
+        t_row, t_col = _targets(a32, b32, labels, label_smoothing)
+        u, v = _rowdot(a32, t_row), _rowdot(b32, t_col)
     ka, kb, ks = _kernel("clip_bwd", a.device)(a, b, scale, row_lse, col_lse, c, c, u, v)
     gs = grad.to(dt) * scale.to(dt)
     da = ka.sub_(t_row, alpha=2 * c).mul_(gs)  # in place on the kernel's fresh outputs: no [N, D] temporaries
