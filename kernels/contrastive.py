@@ -328,19 +328,24 @@ def _chunk_lse_kernel(raw_ptr, R, M, scale_ptr, pm_ptr, pl_ptr, cm_ptr, cl_ptr, 
 
 
 @triton.jit
+def _chunk_tile(R, M, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The [BLOCK_R, BLOCK_M] tile of program (pid_r, pid_m) in an [R, M] row-major chunk: rows, cols,
+    their masks, the tile mask and the int64 element offsets."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mr = rows < R
+    mc = cols < M
+    return rows, cols, mr, mc, mr[:, None] & mc[None, :], rows.to(tl.int64)[:, None] * M + cols[None, :]
+
+
+@triton.jit
 def _chunk_clip_w_kernel(x_ptr, y_ptr, D, w_ptr, R, M, row0, scale_ptr, lse_r_ptr, lse_c_ptr, ctr_r_ptr, ctr_c_ptr,
                          part_ptr, c_r, c_c, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_D: tl.constexpr, F32_DOT: tl.constexpr):
     """w[i, j] = c_r exp(S - lse_r[row0 + i]) + c_c exp(S - lse_c[j]) in w's dtype (rounded to nearest
     even), S = scale * raw, raw = x[i] . y[j] (x: the chunk's R rows, tl.dot tiles);
     part[program] = sum R_ij (raw_ij - ctr_r) + C_ij (raw_ij - ctr_c)."""
-    pid_r = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mr = rows < R
-    mc = cols < M
-    valid = mr[:, None] & mc[None, :]
+    rows, cols, mr, mc, valid, offs = _chunk_tile(R, M, BLOCK_R, BLOCK_M)
     raw = _raw_dot(x_ptr, y_ptr, rows.to(tl.int64), cols.to(tl.int64), mr, mc, D, BLOCK_R, BLOCK_M, BLOCK_D,
                    F32_DOT)
     scale = tl.load(scale_ptr).to(tl.float32)
@@ -350,11 +355,12 @@ def _chunk_clip_w_kernel(x_ptr, y_ptr, D, w_ptr, R, M, row0, scale_ptr, lse_r_pt
     lse_c = tl.load(lse_c_ptr + cols, mask=mc, other=0.0)
     wr = c_r * tl.exp(s - lse_r[:, None])
     wc = c_c * tl.exp(s - lse_c[None, :])
-    _store_w(w_ptr, rows.to(tl.int64)[:, None] * M + cols[None, :], wr + wc, valid, F32_DOT)
+    _store_w(w_ptr, offs, wr + wc, valid, F32_DOT)
     ctr_r = tl.load(ctr_r_ptr + g, mask=mr, other=0.0)
     ctr_c = tl.load(ctr_c_ptr + cols, mask=mc, other=0.0)
     t = wr * (raw - ctr_r[:, None]) + wc * (raw - ctr_c[None, :])
-    tl.store(part_ptr + pid_r * tl.num_programs(1) + pid_m, tl.sum(tl.sum(tl.where(valid, t, 0.0), 1), 0))
+    pidx = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    tl.store(part_ptr + pidx, tl.sum(tl.sum(tl.where(valid, t, 0.0), 1), 0))
 
 
 @triton.jit
@@ -364,14 +370,7 @@ def _chunk_siglip_kernel(raw_ptr, x_ptr, y_ptr, D, w_ptr, R, M, row0, scale_ptr,
     """Not GRAD: raw [R, M] read from raw_ptr, part[program] = sum softplus(-z (S + bias)). GRAD: raw =
     x[i] . y[j] (tl.dot tiles), w = -z sigmoid(-z (S + bias)) in w's dtype, part[program] = sum w * raw,
     part_b[program] = sum w (z = +1 where row0 + i == j)."""
-    pid_r = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mr = rows < R
-    mc = cols < M
-    valid = mr[:, None] & mc[None, :]
-    offs = rows.to(tl.int64)[:, None] * M + cols[None, :]
+    rows, cols, mr, mc, valid, offs = _chunk_tile(R, M, BLOCK_R, BLOCK_M)
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
     if GRAD:
@@ -380,7 +379,7 @@ def _chunk_siglip_kernel(raw_ptr, x_ptr, y_ptr, D, w_ptr, R, M, row0, scale_ptr,
     else:
         raw = tl.load(raw_ptr + offs, mask=valid, other=0.0)
     t, z = _siglip_t(raw, scale, bias, row0 + rows, cols, NEG_ONLY)
-    pidx = pid_r * tl.num_programs(1) + pid_m
+    pidx = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     if GRAD:
         e = tl.exp(-tl.abs(t))
         w = tl.where(valid, -z * (tl.where(t >= 0, 1.0, e) / (1.0 + e)), 0.0)
