@@ -33,6 +33,13 @@ at::Tensor siglip_fwd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_cpu(const at::Tensor& a, const at::Tensor& b,
                                                                           const at::Tensor& scale,
                                                                           const at::Tensor& bias, bool negative_only);
+// patch stem (csrc/cpu/patch_embed.cpp; contract: vlops/ops/patch_embed.py)
+at::Tensor patch_embed_fwd_cpu(const at::Tensor& images, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& pos,
+                               const c10::optional<at::Tensor>& pn_weight, const c10::optional<at::Tensor>& pn_bias,
+                               double pn_eps, bool use_pn,
+                               const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
+                               double ln_eps, bool use_ln, int64_t patch_size, int64_t prefix_tokens);
 }  // namespace cpu
 
 #ifdef VLOPS_WITH_CUDA
@@ -97,6 +104,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("negative_only"),
         "siglip_bwd_cpu(a, b, scale, bias, negative_only) -> (da, db, dscale [1], dbias [1]) with "
         "W = -z sigmoid(-z (S + bias)).",
+        py::call_guard<py::gil_scoped_release>());
+
+  // Patch stem; the kernel contract is the docstring of vlops.ops.patch_embed.
+  m.def("patch_embed_fwd_cpu", &vlops::cpu::patch_embed_fwd_cpu, py::arg("images"), py::arg("weight"),
+        py::arg("bias"), py::arg("pos"), py::arg("pn_weight"), py::arg("pn_bias"), py::arg("pn_eps"),
+        py::arg("use_pn"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("ln_eps"), py::arg("use_ln"),
+        py::arg("patch_size"), py::arg("prefix_tokens"),
+        "patch_embed_fwd_cpu(images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias, "
+        "ln_eps, use_ln, patch_size, prefix_tokens) -> out [B, R0 + Gh * Gw, D]: patches gathered tile by tile, "
+        "projected, + bias, LayerNorm (use_pn), + pos, LayerNorm (use_ln), written to rows R0.. (rows 0 .. R0 - 1 "
+        "are left unwritten).",
         py::call_guard<py::gil_scoped_release>());
 
   // Introspection and test hooks of the CPU kernels.

@@ -8,4 +8,4 @@ autograd or dispatch.
 Importing this package imports nothing (no triton import): ``import vlops`` never needs triton.
 """
 
-__all__ = ["diffusion_step", "contrastive"]
+__all__ = ["diffusion_step", "contrastive", "patch_embed"]

@@ -17,12 +17,13 @@ import torch as _torch
 from ._backends import BACKENDS, BackendUnavailableError, requested_backend, unavailable_reason, use_backend
 from .contrastive import clip_loss, siglip_loss, zero_shot_classify
 from .diffusion import DiffusionSchedule, ddim_step, ddpm_step
+from .stem import patch_embed
 from . import nn  # noqa: E402  (drop-in modules; imports nothing beyond torch)
 
 __all__ = [
     "__version__", "BACKENDS", "BackendUnavailableError", "use_backend", "requested_backend",
     "available_backends", "show_config", "DiffusionSchedule", "ddpm_step", "ddim_step", "clip_loss",
-    "siglip_loss", "zero_shot_classify",
+    "siglip_loss", "zero_shot_classify", "patch_embed",
 ]
 
 

@@ -1,4 +1,5 @@
 """Drop-in nn.Modules, state_dict- and signature-compatible with the modules they replace."""
 from .contrastive import ClipLoss, SigLipLoss, UniClLoss
+from .patch_embed import PatchEmbed
 
-__all__ = ["ClipLoss", "SigLipLoss", "UniClLoss"]
+__all__ = ["ClipLoss", "SigLipLoss", "UniClLoss", "PatchEmbed"]

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -102,30 +103,36 @@ def grid_size(height: int, width: int, patch_size: int, dynamic_pad: bool = Fals
     return height // patch_size, width // patch_size
 
 
-def patch_embed(images, weight, bias=None, *, cls_token=None, reg_tokens=None, pos_embed=None,
-                pos_embed_prefix: bool = True, patch_norm=None, ln=None, dynamic_pad: bool = False):
-    """The patch stem: ``images`` [B, C, H, W] -> tokens [B, T, D], ``T = [cls] + R + Gh Gw``.
+class StemArgs(NamedTuple):
+    """The checked arguments of a patch stem call (see :func:`check_args`)."""
 
-    Args:
-        images: [B, C, H, W], any strides (channels_last and slices work); not modified.
-        weight: [D, C, P, P], the patch projection (a Conv2d with kernel = stride = P); square patches.
-        bias: [D] or None.
-        cls_token: [D] or [1, 1, D] or None.
-        reg_tokens: [R, D] or [1, R, D] (R >= 1) or None; they follow the class token.
-        pos_embed: [T_pos, D] or [1, T_pos, D] or None. ``T_pos`` is the token count T with
-            ``pos_embed_prefix=True`` (timm default, open_clip, HF) and the patch count ``Gh Gw`` with
-            ``pos_embed_prefix=False`` (timm ``no_embed_class=True``: prefix tokens get no position).
-        patch_norm: None or ``(weight, bias, eps)``: LayerNorm over D of every patch token before the
-            position add (timm ``PatchEmbed.norm``); weight / bias may be None.
-        ln: None or ``(weight, bias, eps)``: LayerNorm over D of every token after the position add
-            (open_clip ``ln_pre``, HF ``pre_layrnorm``, timm ``norm_pre``).
-        dynamic_pad: zero-pad H and W on the bottom / right up to multiples of P (timm
-            ``dynamic_img_pad``); without it H and W must be multiples of P.
+    B: int
+    C: int
+    H: int
+    W: int
+    D: int
+    P: int
+    Gh: int
+    Gw: int
+    N: int
+    bias: Optional[torch.Tensor]
+    cls: Optional[torch.Tensor]
+    reg: Optional[torch.Tensor]
+    pos: Optional[torch.Tensor]
+    patch_norm: Optional[tuple]
+    ln: Optional[tuple]
+    n_prefix: int
+    pos_embed_prefix: bool
+    dynamic_pad: bool
 
-    Returns:
-        [B, T, D] in ``images.dtype``, computed as the module docstring says (float64 for float64
-        images, float32 otherwise).
-    """
+
+def check_args(images, weight, bias=None, *, cls_token=None, reg_tokens=None, pos_embed=None,
+               pos_embed_prefix: bool = True, patch_norm=None, ln=None, dynamic_pad: bool = False) -> StemArgs:
+    """Validate the arguments of :func:`patch_embed` (errors name the argument) and return them
+    normalised: ``B, C, H, W, D, P, Gh, Gw, N`` (ints), ``bias`` [D], ``cls`` [1, D], ``reg`` [R, D],
+    ``pos`` [T_pos, D] (views or None), ``patch_norm`` / ``ln`` ``(weight, bias, eps)`` or None,
+    ``n_prefix``, ``pos_embed_prefix``, ``dynamic_pad``. The fused op (:mod:`vlops.ops.patch_embed`)
+    checks its arguments with this same function."""
     _validate.tensor(images, "images", floating=True)
     _validate.tensor(weight, "weight", floating=True)
     if images.ndim != 4:
@@ -169,6 +176,40 @@ def patch_embed(images, weight, bias=None, *, cls_token=None, reg_tokens=None, p
             what = f"{n_prefix} prefix + {Gh}x{Gw} patches" if pos_embed_prefix else f"{Gh}x{Gw} patches"
             raise ValueError(f"pos_embed has {pos.shape[0]} positions but pos_embed_prefix={pos_embed_prefix} "
                              f"needs one per token: expected {expected} ({what}), got {pos.shape[0]}")
+
+    return StemArgs(B=B, C=C, H=H, W=W, D=D, P=P, Gh=Gh, Gw=Gw, N=N, bias=bias, cls=cls, reg=reg, pos=pos,
+                    patch_norm=patch_norm, ln=ln, n_prefix=n_prefix, pos_embed_prefix=pos_embed_prefix,
+                    dynamic_pad=dynamic_pad)
+
+
+def patch_embed(images, weight, bias=None, *, cls_token=None, reg_tokens=None, pos_embed=None,
+                pos_embed_prefix: bool = True, patch_norm=None, ln=None, dynamic_pad: bool = False):
+    """The patch stem: ``images`` [B, C, H, W] -> tokens [B, T, D], ``T = [cls] + R + Gh Gw``.
+
+    Args:
+        images: [B, C, H, W], any strides (channels_last and slices work); not modified.
+        weight: [D, C, P, P], the patch projection (a Conv2d with kernel = stride = P); square patches.
+        bias: [D] or None.
+        cls_token: [D] or [1, 1, D] or None.
+        reg_tokens: [R, D] or [1, R, D] (R >= 1) or None; they follow the class token.
+        pos_embed: [T_pos, D] or [1, T_pos, D] or None. ``T_pos`` is the token count T with
+            ``pos_embed_prefix=True`` (timm default, open_clip, HF) and the patch count ``Gh Gw`` with
+            ``pos_embed_prefix=False`` (timm ``no_embed_class=True``: prefix tokens get no position).
+        patch_norm: None or ``(weight, bias, eps)``: LayerNorm over D of every patch token before the
+            position add (timm ``PatchEmbed.norm``); weight / bias may be None.
+        ln: None or ``(weight, bias, eps)``: LayerNorm over D of every token after the position add
+            (open_clip ``ln_pre``, HF ``pre_layrnorm``, timm ``norm_pre``).
+        dynamic_pad: zero-pad H and W on the bottom / right up to multiples of P (timm
+            ``dynamic_img_pad``); without it H and W must be multiples of P.
+
+    Returns:
+        [B, T, D] in ``images.dtype``, computed as the module docstring says (float64 for float64
+        images, float32 otherwise).
+    """
+    a = check_args(images, weight, bias, cls_token=cls_token, reg_tokens=reg_tokens, pos_embed=pos_embed,
+                   pos_embed_prefix=pos_embed_prefix, patch_norm=patch_norm, ln=ln, dynamic_pad=dynamic_pad)
+    B, C, H, W, D, P, Gh, Gw, N = a.B, a.C, a.H, a.W, a.D, a.P, a.Gh, a.Gw, a.N
+    bias, cls, reg, pos, patch_norm, ln = a.bias, a.cls, a.reg, a.pos, a.patch_norm, a.ln
 
     cdt = torch.float64 if images.dtype == torch.float64 else torch.float32
     x = images.to(cdt)

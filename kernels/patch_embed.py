@@ -1,0 +1,433 @@
+"""Fused ViT / CLIP patch stem forward: patch gather + projection GEMM + bias + LayerNorms + position
+add.
+
+The launcher :func:`patch_embed_fwd` takes the kernel contract of :mod:`vlops.ops.patch_embed`
+(``images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias, ln_eps, use_ln,
+patch_size, prefix_tokens``) and returns ``out`` [B, R0 + Gh Gw, D] in the dtype of ``images``, with
+rows ``R0 ..`` of every image written and rows ``0 .. R0 - 1`` left unwritten.
+
+Design:
+
+- ``_patch_gemm_kernel``: an implicit GEMM. Output rows ``m = b Gh Gw + gh Gw + gw`` (one per patch
+  token, ``M = B Gh Gw``), columns ``d < D``, reduction over ``k < K = C P P``. One program per
+  ``[BLOCK_M, BLOCK_N]`` output tile (column tiles fastest, so the programs that share a gathered
+  patch tile run together and the weight, ``D K`` elements, stays in L2). The A tile
+  ``[BLOCK_M, BLOCK_K]`` is gathered straight from ``images`` through its four strides (no unfold
+  buffer, no copy): ``k -> (c, ph, pw) = (k // P^2, (k // P) % P, k % P)``, row ->
+  ``(b, gh, gw)``, address ``b s_b + c s_c + (gh P + ph) s_h + (gw P + pw) s_w``; pixels past H / W
+  (only compiled in when ``PAD``: H or W not a multiple of P) and ``k >= K`` read as zero. ``P`` is a
+  ``tl.constexpr``, so the divisions are by constants, and with ``s_w == 1`` (NCHW; Triton
+  specialises a stride of 1) runs of ``P`` pixels are contiguous. The B tile is ``weight[n, k]``
+  ([D, K] row-major, transposed in registers). ``tl.dot`` accumulates in fp32: bf16 / fp16 operands
+  directly (their products are exact in fp32), fp32 operands with ``input_precision="tf32x3"`` (three
+  tf32 wgmmas, ~fp32 accurate; one tf32 pass rounds each operand to 2**-11, far over the contract's
+  ~1e-6).
+  Epilogue: ``+ bias``, then either the final rows (no LayerNorm on: ``+ pos[n]``, rounded to nearest
+  even to the output dtype and stored at ``out[b, R0 + n]``: one pass, the timm ViT-B / SigLIP case)
+  or the pre-norm rows in fp32.
+- ``_patch_norm_kernel`` (only when ``use_pn`` or ``use_ln``): a LayerNorm needs the whole D row,
+  which one GEMM tile does not hold (D = 768..1280 against BLOCK_N = 128), so the GEMM writes the
+  pre-norm rows in fp32 and this row-wise kernel (``ROWS`` token rows per program, the whole row in
+  one ``BLOCK_D = next_power_of_2(D)`` block) applies LN1 (``use_pn``), ``+ pos``, LN2 (``use_ln``)
+  in fp32 (biased variance, ``1 / sqrt_rn(var + eps)``) and stores the final rows rounded to the
+  output dtype. For fp32 output the pre-norm rows are written into ``out`` itself (at their final
+  rows) and normalised in place; for 16-bit output they go to an fp32 scratch ``[B Gh Gw, D]``.
+
+Loads (sm_90a AOT study, see AOT_SPECS): with NCHW images whose strides and base are 16-byte aligned
+(224 / 336 / 384 px) and no padding, both tiles go global -> shared by ``cp.async`` (3 stages): 16-byte
+pieces for P = 16; for P = 14 4-byte (A: pixel pairs) and 8-byte (weight) pieces, the kernel computing
+``K = C P P`` itself so that the compiler knows 4 | K (588) for the weight rows. 16-bit channels_last
+images, padding or unaligned strides (e.g. 518 px) gather A through registers (scalar loads, no
+spills at the default tiles); fp32 A tiles always go by ``cp.async`` (4-byte pieces at worst).
+``D % 16 != 0`` makes every epilogue access scalar: 64 x 64 tiles then (see :func:`block_config`).
+
+Memory: no workspace when no LayerNorm is on, or for fp32 output. With a LayerNorm and 16-bit output
+the scratch is ``4 B Gh Gw D`` bytes (224 px, B = 256: ViT-B/16 154 MB, ViT-L/14 268 MB). Traffic:
+with a LayerNorm the rows cross memory ``8 B Gh Gw D`` bytes more than in the one pass (16-bit: the
+GEMM stores 4 bytes instead of 2, the norm pass reads 4 and stores 2; fp32: the norm pass reads and
+stores 4 in place): 308 MB for ViT-B/16, B = 256, a floor of ~0.08 ms at 4 TB/s, next to the 59
+GFLOP GEMM (~0.1 ms at 600 TFLOP/s). Estimates, not measurements.
+
+Numerics: fp32 accumulation for every input dtype, the token kept in fp32 until the final store,
+rounded once to nearest even (under the interpreter bf16 rounding is done on the bits: its fp32 ->
+bf16 cast truncates; see ``_round_to``). Under ``TRITON_INTERPRET=1`` the dots are exact fp32
+(``F32_DOT``: 16-bit operands are widened first, since the interpreter's dot multiplies the raw bits
+of bf16 tensors). Element offsets of ``out``, the scratch and the image batch term are int64
+(``B T D`` may exceed 2**31); offsets within one image are 32-bit unless a stride needs 64.
+
+Checked only by the interpreter (tests/test_patch_embed_triton.py) and the sm_90a AOT compile
+(tests/test_aot_sm90.py: wgmma, no spills, shared memory); tile sizes are starting points, not tuned
+on a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import numbers
+
+import triton
+import triton.language as tl
+
+__all__ = ["patch_embed_fwd", "AOT_SPECS", "block_config"]
+
+
+# ---------------------------------------------------------------------------------------------
+# device helpers (as in kernels/contrastive.py)
+
+@triton.jit
+def _dot(p, q, acc, F32_DOT: tl.constexpr):
+    """acc + p @ q. F32_DOT (interpreter only): 16-bit operands are widened first, since the
+    interpreter's dot multiplies the raw bits of bf16 tensors."""
+    if F32_DOT:
+        return tl.dot(p.to(tl.float32), q.to(tl.float32), acc)
+    elif p.dtype == tl.float32:
+        # tf32x3 (3 tf32 wgmmas, ~fp32 accurate): the contract asks ~1e-6 relative for fp32
+        return tl.dot(p, q, acc, input_precision="tf32x3")
+    else:
+        return tl.dot(p, q, acc)
+
+
+@triton.jit
+def _round_to(w, dtype: tl.constexpr, F32_DOT: tl.constexpr):
+    """fp32 ``w`` rounded to nearest even to ``dtype``. Under the interpreter (F32_DOT) bf16 rounding
+    is done on the bits (the interpreter's fp32 -> bf16 cast truncates, and its "rtne" mode does not
+    carry into the exponent) and the value stays fp32 (exact in bf16, so the final cast is exact)."""
+    if dtype == tl.float32:
+        return w
+    elif F32_DOT and dtype == tl.bfloat16:
+        bits = w.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return w.to(dtype, fp_downcast_rounding="rtne")
+
+
+@triton.jit
+def _store_rounded(ptrs, x, mask, F32_DOT: tl.constexpr):
+    """Store fp32 ``x`` into ``ptrs``' dtype, rounded to nearest even."""
+    dt: tl.constexpr = ptrs.dtype.element_ty
+    tl.store(ptrs, _round_to(x, dt, F32_DOT).to(dt), mask=mask)
+
+
+@triton.jit
+def _layer_norm(x, d, md, D, w_ptr, b_ptr, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """LayerNorm over the last axis of fp32 ``x`` [ROWS, BLOCK_D] (lanes ``d >= D`` are zero and stay
+    zero): (x - mean) / sqrt(var + eps) (* w) (+ b), biased variance."""
+    mean = tl.sum(x, 1) / D
+    xc = tl.where(md[None, :], x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, 1) / D
+    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    y = xc * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(w_ptr + d, mask=md, other=0.0)[None, :]
+    if HAS_B:
+        y = y + tl.load(b_ptr + d, mask=md, other=0.0)[None, :]
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+@triton.jit
+def _patch_gemm_kernel(img_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr,
+                       M, D, C, H, W, NP, Gw, s_b, s_c, s_h, s_w, T, R0,
+                       P: tl.constexpr, PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_POS: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       F32_DOT: tl.constexpr):
+    """out[b * T + R0 + n, d] = sum_k weight[d, k] patch[b, n, k] (+ bias[d]) (+ pos[n, d]), fp32
+    accumulation, stored in out's dtype (rounded to nearest even); m = b * NP + n, NP = Gh * Gw."""
+    K = C * P * P  # so that the compiler knows K's divisibility (P * P; 4 for P = 14, where K = 588)
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(D, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mm = rm < M
+    b = rm // NP
+    n = rm - b * NP
+    gh = n // Gw
+    gw = n - gh * Gw
+    y0 = gh * P
+    x0 = gw * P
+    a_row = b.to(tl.int64) * s_b + y0 * s_h + x0 * s_w  # [BLOCK_M]
+
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = rn < D
+    w_row = rn.to(tl.int64) * K  # [BLOCK_N]
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mk = k < K
+        pw = k % P
+        ph = (k // P) % P
+        c = k // (P * P)
+        a_col = c * s_c + ph * s_h + pw * s_w  # [BLOCK_K]
+        a_mask = mm[:, None] & mk[None, :]
+        if PAD:
+            a_mask = a_mask & ((y0[:, None] + ph[None, :]) < H) & ((x0[:, None] + pw[None, :]) < W)
+        a = tl.load(img_ptr + a_row[:, None] + a_col[None, :], mask=a_mask, other=0.0)
+        w = tl.load(w_ptr + w_row[:, None] + k[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+        acc = _dot(a, tl.trans(w), acc, F32_DOT)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mn, other=0.0)[None, :]
+    omask = mm[:, None] & mn[None, :]
+    if ADD_POS:
+        acc += tl.load(pos_ptr + n.to(tl.int64)[:, None] * D + rn[None, :], mask=omask, other=0.0)
+    o_row = (b.to(tl.int64) * T + R0 + n) * D
+    _store_rounded(out_ptr + o_row[:, None] + rn[None, :], acc, omask, F32_DOT)
+
+
+@triton.jit
+def _patch_norm_kernel(x_ptr, pos_ptr, pn_w_ptr, pn_b_ptr, ln_w_ptr, ln_b_ptr, out_ptr,
+                       M, D, NP, XT, XR0, T, R0, pn_eps, ln_eps,
+                       USE_PN: tl.constexpr, PN_W: tl.constexpr, PN_B: tl.constexpr, HAS_POS: tl.constexpr,
+                       USE_LN: tl.constexpr, LN_W: tl.constexpr, LN_B: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK_D: tl.constexpr, F32_DOT: tl.constexpr):
+    """Token rows m = b * NP + n: x = x_ptr[b * XT + XR0 + n] (fp32 pre-norm rows); LN1 (USE_PN),
+    + pos[n] (HAS_POS), LN2 (USE_LN), all in fp32; out[b * T + R0 + n] = x in out's dtype, rounded to
+    nearest even. x_ptr may be out_ptr (fp32 output: in place, each program reads its rows first)."""
+    rm = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    mm = rm < M
+    b = rm // NP
+    n = rm - b * NP
+    b64 = b.to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    md = d < D
+    mask = mm[:, None] & md[None, :]
+    x_row = (b64 * XT + XR0 + n) * D
+    x = tl.load(x_ptr + x_row[:, None] + d[None, :], mask=mask, other=0.0)
+    if USE_PN:
+        x = _layer_norm(x, d, md, D, pn_w_ptr, pn_b_ptr, pn_eps, PN_W, PN_B)
+    if HAS_POS:
+        x += tl.load(pos_ptr + n.to(tl.int64)[:, None] * D + d[None, :], mask=mask, other=0.0)
+    if USE_LN:
+        x = _layer_norm(x, d, md, D, ln_w_ptr, ln_b_ptr, ln_eps, LN_W, LN_B)
+    o_row = (b64 * T + R0 + n) * D
+    _store_rounded(out_ptr + o_row[:, None] + d[None, :], x, mask, F32_DOT)
+
+
+# Under TRITON_INTERPRET=1 @triton.jit yields an interpreted function.
+_INTERPRETED = type(_patch_gemm_kernel).__name__ == "InterpretedFunction"
+
+
+# ---------------------------------------------------------------------------------------------
+# launch configuration
+
+def block_config(kind: str, element_size: int = 2, D: int | None = None) -> dict:
+    """Tile sizes and launch options per kernel kind.
+
+    "gemm" (by input element size, 4 fp32 or 2 bf16 / fp16, and D): 128 x 128 output tiles, BLOCK_K 64
+    (16-bit) / 32 (fp32), 8 warps, 3 stages. With ``D % 16 != 0`` (Triton then knows no alignment of
+    the output rows: one 64-bit address per element in the epilogue) 64 x 64 tiles and BLOCK_K 32
+    (128 x 64 tiles needed 255 registers for fp32 and spilled for 16-bit images with no aligned
+    stride or pointer; 64 x 64: 64..130 registers).
+    "norm" (by D): the whole row in one ``BLOCK_D = next_power_of_2(D)`` block, ``ROWS`` rows per
+    program (about 4096 fp32 values per program).
+
+    Chosen to compile for sm_90a with wgmma, no spills and shared memory well under the Hopper limit
+    (see AOT_SPECS / tests/test_aot_sm90.py); not tuned on a GPU."""
+    if kind == "gemm":
+        if D is not None and D % 16:
+            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if element_size <= 2 else 32, num_warps=8, num_stages=3)
+    if kind == "norm":
+        if D is None:
+            raise ValueError("block_config('norm') needs D")
+        bd = triton.next_power_of_2(max(int(D), 1))
+        rows = max(1, min(16, 4096 // bd))
+        return dict(BLOCK_D=bd, ROWS=rows, num_warps=8 if bd >= 2048 else 4, num_stages=1)
+    raise ValueError(f"unknown kernel kind {kind!r}")
+
+
+def _check(cond, msg):
+    if not cond:
+        raise ValueError(msg)
+
+
+def _is_int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _validate(images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias, ln_eps, use_ln,
+              patch_size, prefix_tokens, out):
+    """Checks every argument (ValueError naming it); returns (B, C, H, W, D, K, P, R0, Gh, Gw)."""
+    import torch
+
+    _check(isinstance(images, torch.Tensor), f"images must be a torch.Tensor, got {type(images).__name__}")
+    _check(images.dim() == 4, f"images must be 4-D [B, C, H, W], got shape {tuple(images.shape)}")
+    _check(images.dtype in (torch.float32, torch.float16, torch.bfloat16),
+           f"images dtype must be float32 / float16 / bfloat16, got {images.dtype}")
+    _check(images.is_cuda or _INTERPRETED,
+           f"images must be a CUDA tensor (CPU tensors only under TRITON_INTERPRET=1), got {images.device}")
+    B, C, H, W = images.shape
+    _check(C >= 1 and H >= 1 and W >= 1, f"images must have C, H, W >= 1, got shape {tuple(images.shape)}")
+    _check(_is_int(patch_size) and patch_size >= 1, f"patch_size must be an int >= 1, got {patch_size!r}")
+    _check(_is_int(prefix_tokens) and prefix_tokens >= 0, f"prefix_tokens must be an int >= 0, got {prefix_tokens!r}")
+    P, R0 = int(patch_size), int(prefix_tokens)
+    K = C * P * P
+    _check(isinstance(weight, torch.Tensor), f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    _check(weight.dim() == 2 and weight.shape[1] == K and weight.shape[0] >= 1,
+           f"weight must be [D, K] with K = C * P * P = {C} * {P} * {P} = {K}, got shape {tuple(weight.shape)}")
+    _check(weight.dtype == images.dtype, f"weight must have the dtype of images ({images.dtype}), got {weight.dtype}")
+    _check(weight.device == images.device, f"weight must be on {images.device} (images), got {weight.device}")
+    _check(weight.is_contiguous(), "weight must be contiguous")
+    D = weight.shape[0]
+    Gh, Gw = -(-H // P), -(-W // P)
+    for name, t, shape in (("bias", bias, (D,)), ("pos", pos, (Gh * Gw, D)), ("pn_weight", pn_weight, (D,)),
+                           ("pn_bias", pn_bias, (D,)), ("ln_weight", ln_weight, (D,)), ("ln_bias", ln_bias, (D,))):
+        if t is None:
+            continue
+        _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        _check(tuple(t.shape) == shape,
+               f"{name} must have shape {shape} (D = weight.shape[0] = {D}, Gh x Gw = {Gh} x {Gw}), "
+               f"got {tuple(t.shape)}")
+        _check(t.dtype == torch.float32, f"{name} must be float32 (the compute dtype), got {t.dtype}")
+        _check(t.device == images.device, f"{name} must be on {images.device} (images), got {t.device}")
+        _check(t.is_contiguous(), f"{name} must be contiguous")
+    for name, v in (("use_pn", use_pn), ("use_ln", use_ln)):
+        _check(isinstance(v, bool), f"{name} must be a bool, got {type(v).__name__}")
+    for name, v in (("pn_eps", pn_eps), ("ln_eps", ln_eps)):
+        _check(isinstance(v, numbers.Real) and not isinstance(v, bool) and float(v) >= 0.0 and v == v,
+               f"{name} must be a float >= 0, got {v!r}")
+    if out is not None:
+        shape = (B, R0 + Gh * Gw, D)
+        _check(isinstance(out, torch.Tensor) and tuple(out.shape) == shape and out.dtype == images.dtype
+               and out.device == images.device and out.is_contiguous(),
+               f"out must be a contiguous {images.dtype} tensor of shape {shape} on {images.device}, got "
+               + (f"{out.dtype} {tuple(out.shape)} on {out.device}" if isinstance(out, torch.Tensor)
+                  else type(out).__name__))
+    return B, C, H, W, D, K, P, R0, Gh, Gw
+
+
+def _cfg(kind, element_size, D, blocks):
+    cfg = block_config(kind, element_size, D)
+    if blocks:
+        for k, v in blocks.items():
+            if k in cfg:
+                cfg[k] = int(v)
+                _check(not (k.startswith("BLOCK") or k == "ROWS") or (cfg[k] >= 1 and cfg[k] & (cfg[k] - 1) == 0),
+                       f"blocks[{k!r}] must be a power of 2, got {v!r}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher (kernel contract of vlops.ops.patch_embed)
+
+def patch_embed_fwd(images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias, ln_eps,
+                    use_ln, patch_size, prefix_tokens, *, out=None, blocks=None):
+    """out [B, R0 + Gh * Gw, D] in images' dtype, rows R0.. written (see the module docstring and the
+    contract in vlops/ops/patch_embed.py). Keyword-only (tests, tuning, the op layer): ``out`` a
+    preallocated contiguous output to write into (returned); ``blocks`` tile overrides (BLOCK_M,
+    BLOCK_N, BLOCK_K, num_warps, num_stages of the GEMM; ROWS of the norm kernel; powers of 2)."""
+    import torch
+
+    B, C, H, W, D, K, P, R0, Gh, Gw = _validate(images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn,
+                                                ln_weight, ln_bias, ln_eps, use_ln, patch_size, prefix_tokens, out)
+    cfg = _cfg("gemm", images.element_size(), D, blocks)
+    ncfg = _cfg("norm", 4, D, {k: v for k, v in (blocks or {}).items() if k == "ROWS"})
+    NP = Gh * Gw
+    T = R0 + NP
+    M = B * NP
+    if out is None:
+        out = torch.empty(B, T, D, dtype=images.dtype, device=images.device)
+    if M == 0:
+        return out
+    norm = use_pn or use_ln
+    if not norm or images.dtype == torch.float32:
+        stage, XT, XR0 = out, T, R0  # final rows, or fp32 pre-norm rows normalised in place
+    else:
+        stage, XT, XR0 = torch.empty(M, D, dtype=torch.float32, device=images.device), NP, 0
+    opt = lambda t: stage if t is None else t  # noqa: E731 - stands in for an absent pointer (never read)
+    s_b, s_c, s_h, s_w = images.stride()
+
+    with torch.cuda.device(images.device) if images.is_cuda else contextlib.nullcontext():
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]),)
+        _patch_gemm_kernel[grid](
+            images, weight, opt(bias), opt(pos), stage,
+            M, D, C, H, W, NP, Gw, s_b, s_c, s_h, s_w, XT, XR0,
+            P=P, PAD=(H % P != 0 or W % P != 0), HAS_BIAS=bias is not None, ADD_POS=pos is not None and not norm,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], F32_DOT=_INTERPRETED,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if norm:
+            _patch_norm_kernel[(triton.cdiv(M, ncfg["ROWS"]),)](
+                stage, opt(pos), opt(pn_weight), opt(pn_bias), opt(ln_weight), opt(ln_bias), out,
+                M, D, NP, XT, XR0, T, R0, float(pn_eps), float(ln_eps),
+                USE_PN=use_pn, PN_W=pn_weight is not None, PN_B=pn_bias is not None, HAS_POS=pos is not None,
+                USE_LN=use_ln, LN_W=ln_weight is not None, LN_B=ln_bias is not None,
+                ROWS=ncfg["ROWS"], BLOCK_D=ncfg["BLOCK_D"], F32_DOT=_INTERPRETED,
+                num_warps=ncfg["num_warps"], num_stages=ncfg["num_stages"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# AOT specialisations (compiled for sm_90a by tests/test_aot_sm90.py, no GPU needed)
+
+_ELEM_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def _aot_gemm(dtype: str, P: int = 16, out: str | None = None, layout: str = "nchw", pad: bool = False,
+              bias: bool = True, pos: bool = True, D: int = 768):
+    """The GEMM kernel for ``dtype`` images, patch size ``P``, output ``out`` (default: ``dtype``, the
+    one-pass case; "fp32" for pre-norm rows). ``layout`` "nchw": s_w = 1 (Triton specialises a
+    stride of 1 to a constant), "nhwc" (channels_last): s_c = 1, "any": no unit stride and no
+    alignment of the images or their strides (a strided slice at an odd offset)."""
+    fn = _patch_gemm_kernel
+    out = out or dtype
+    cfg = block_config("gemm", _ELEM_SIZE[dtype], D)
+    unit = {"nchw": {"s_w": 1}, "nhwc": {"s_c": 1}, "any": {}}[layout]
+    constexprs = dict(P=P, PAD=pad, HAS_BIAS=bias, ADD_POS=pos and out == dtype, BLOCK_M=cfg["BLOCK_M"],
+                      BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], F32_DOT=False, **unit)
+    ptrs = {"img_ptr": dtype, "w_ptr": dtype, "bias_ptr": "fp32", "pos_ptr": "fp32", "out_ptr": out}
+    signature = {a: ("constexpr" if a in constexprs else f"*{ptrs[a]}" if a in ptrs else "i32") for a in fn.arg_names}
+    # ViT shapes (224 px, C = 3): the strides other than the unit one divisible by 16 (channels_last
+    # s_w = C = 3 is not); the kernel computes K = C P P itself
+    divisible = [p for p in ptrs if layout != "any" or p != "img_ptr"] + (["D"] if D % 16 == 0 else [])
+    divisible += [s for s in ("s_b", "s_c", "s_h") if s not in unit and layout != "any"]
+    return {"name": f"patch_embed_gemm_{dtype}_p{P}_d{D}_out{out}_{layout}" + ("_pad" if pad else ""),
+            "kernel": fn, "signature": signature, "constexprs": constexprs, "num_warps": cfg["num_warps"],
+            "num_stages": cfg["num_stages"], "divisibility_16": divisible, "matmul": True}
+
+
+def _aot_norm(out: str, D: int, use_pn: bool = False, use_ln: bool = True, affine: bool = True, pos: bool = True):
+    fn = _patch_norm_kernel
+    cfg = block_config("norm", 4, D)
+    constexprs = dict(USE_PN=use_pn, PN_W=use_pn and affine, PN_B=use_pn and affine, HAS_POS=pos, USE_LN=use_ln,
+                      LN_W=use_ln and affine, LN_B=use_ln and affine, ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"],
+                      F32_DOT=False)
+    signature = {}
+    for a in fn.arg_names:
+        if a in constexprs:
+            signature[a] = "constexpr"
+        elif a == "out_ptr":
+            signature[a] = f"*{out}"
+        elif a.endswith("_ptr"):
+            signature[a] = "*fp32"
+        else:
+            signature[a] = "fp32" if a.endswith("eps") else "i32"
+    flags = ("_pn" if use_pn else "") + ("_ln" if use_ln else "")
+    return {"name": f"patch_embed_norm_{out}_d{D}{flags}", "kernel": fn, "signature": signature,
+            "constexprs": constexprs, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+            "divisibility_16": [a for a in fn.arg_names if a.endswith("_ptr")] + ["D"], "matmul": False,
+            "vectorized": True}
+
+
+AOT_SPECS = [
+    # one pass (no LayerNorm): timm ViT-B/16, SigLIP; fp32 / bf16 / fp16 images, NCHW
+    *[_aot_gemm(dt) for dt in ("fp32", "bf16", "fp16")],
+    # pre-norm rows in fp32 (a LayerNorm follows): CLIP ViT-L/14 (P = 14, K = 588) and ViT-B/16
+    _aot_gemm("bf16", P=14, out="fp32", pos=False, D=1024),
+    _aot_gemm("fp32", P=14, out="fp32", pos=False, D=1024),
+    _aot_gemm("bf16", P=16, out="fp32", pos=False),
+    # channels_last images, and H / W not multiples of P (dynamic_img_pad)
+    _aot_gemm("bf16", layout="nhwc"),
+    _aot_gemm("fp16", pad=True),
+    # the slow path: no unit stride, nothing aligned, padding, D % 16 != 0 (64 x 64 tiles)
+    *[_aot_gemm(dt, P=14, layout="any", pad=True, D=1000) for dt in ("fp32", "bf16")],
+    # the row-wise norm pass: CLIP ln_pre (ViT-B D = 768, ViT-L D = 1024), timm patch norm + norm_pre
+    _aot_norm("bf16", 768),
+    _aot_norm("bf16", 1024),
+    _aot_norm("fp32", 1024),
+    _aot_norm("fp16", 768, use_pn=True, use_ln=True),
+]

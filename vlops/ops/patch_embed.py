@@ -1,0 +1,246 @@
+"""The fused patch stem as torch custom ops, and the kernel contract every backend implements.
+
+Kernel contract (forward; one function per backend: ``vlops._C.patch_embed_fwd_cpu``,
+``vlops.kernels.patch_embed.patch_embed_fwd``, the reference ``_ref_patch_embed_fwd`` below)::
+
+    patch_embed_fwd(images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn,
+                    ln_weight, ln_bias, ln_eps, use_ln, patch_size, prefix_tokens) -> out
+
+- ``images`` [B, C, H, W], float32 / float16 / bfloat16 (the CPU kernel and the reference also
+  float64), ANY strides (contiguous, channels_last, slices): read in place, never copied, never
+  modified.
+- ``weight`` [D, K], K = C * P * P, contiguous, the dtype of ``images``; column
+  ``k = (c * P + ph) * P + pw`` (that is ``conv_weight.reshape(D, -1)``).
+- ``bias`` [D] or None; ``pos`` [Gh * Gw, D] or None (the position embedding of the patch tokens
+  only); ``pn_weight``, ``pn_bias``, ``ln_weight``, ``ln_bias`` [D] or None. All of these are
+  contiguous and in the compute dtype (float32; float64 for float64 images).
+- ``pn_eps``, ``ln_eps``: python floats; ``use_pn``, ``use_ln``: python bools (a LayerNorm whose
+  weight and bias are both None is still applied when its flag is set).
+- ``patch_size`` P (python int), ``prefix_tokens`` R0 >= 0 (python int).
+- ``Gh = ceil(H / P)``, ``Gw = ceil(W / P)``: pixels past H or W read as zero (bottom / right zero
+  padding; the op layer has already checked divisibility unless the caller asked for padding).
+- Returns ``out`` [B, R0 + Gh * Gw, D] in the dtype of ``images``, contiguous. The kernel writes
+  rows ``R0 ..`` of every image (row ``R0 + n`` for patch ``n = gh * Gw + gw``, row-major) and leaves
+  rows ``0 .. R0 - 1`` unwritten (the op layer fills them: the prefix tokens do not depend on the
+  image).
+- Math for patch ``n`` of image ``b``, in the compute dtype (float32 accumulation for every input
+  dtype; float64 for float64)::
+
+      x[d] = sum_k weight[d, k] * images[b, c, gh*P + ph, gw*P + pw]  (+ bias[d])
+      if use_pn: x = (x - mean(x)) / sqrt(var(x) + pn_eps) (* pn_weight) (+ pn_bias)   # over D, biased var
+      if pos is not None: x = x + pos[n]
+      if use_ln: x = (x - mean(x)) / sqrt(var(x) + ln_eps) (* ln_weight) (+ ln_bias)
+      out[b, R0 + n] = x rounded (nearest even) to the dtype of images
+
+  Accuracy: float32 within ~1e-6 relative of the float64 math (Triton: ``tf32x3`` dots for float32),
+  16-bit inputs within the dtype's rounding of the result (products of 16-bit operands are exact in
+  float32).
+- No [B * Gh * Gw, K] unfold buffer: patches are gathered from ``images`` tile by tile.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backends
+
+OP = "patch_embed"
+
+
+def _cdt(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _patch_rows(images, weight2d, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias, ln_eps,
+                use_ln, patch_size):
+    """The contract's math for the patch rows, [B, Gh * Gw, D] in the compute dtype, with torch ops
+    (differentiable: the backward recomputes the forward with it)."""
+    B, C, H, W = images.shape
+    P = patch_size
+    D, K = weight2d.shape
+    cdt = _cdt(images)
+    Gh, Gw = -(-H // P), -(-W // P)
+    x = images.to(cdt)
+    if Gh * P != H or Gw * P != W:
+        x = F.pad(x, (0, Gw * P - W, 0, Gh * P - H))
+    patches = x.reshape(B, C, Gh, P, Gw, P).permute(0, 2, 4, 1, 3, 5).reshape(B, Gh * Gw, K)
+    e = patches @ weight2d.to(cdt).T
+    if bias is not None:
+        e = e + bias
+    if use_pn:
+        e = F.layer_norm(e, (D,), pn_weight, pn_bias, pn_eps)
+    if pos is not None:
+        e = e + pos
+    if use_ln:
+        e = F.layer_norm(e, (D,), ln_weight, ln_bias, ln_eps)
+    return e
+
+
+def _ref_patch_embed_fwd(images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias, ln_eps,
+                         use_ln, patch_size, prefix_tokens):
+    """The contract with torch ops (the ``reference`` backend)."""
+    rows = _patch_rows(images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias, ln_eps,
+                       use_ln, patch_size)
+    B, N, D = rows.shape
+    out = torch.empty(B, prefix_tokens + N, D, dtype=images.dtype, device=images.device)
+    out[:, prefix_tokens:] = rows
+    return out
+
+
+def _kernel(device: torch.device):
+    backend = _backends.resolve(OP, device)
+    if backend == "reference":
+        return _ref_patch_embed_fwd
+    if backend == "cpu":
+        return _backends.extension().patch_embed_fwd_cpu
+    from vlops.kernels import patch_embed as k  # triton
+
+    return k.patch_embed_fwd
+
+
+def _compute(t: Optional[torch.Tensor], cdt) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(cdt).contiguous()
+
+
+@torch.library.custom_op("vlops::patch_embed", mutates_args=())
+def patch_embed_op(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   prefix: Optional[torch.Tensor], pos: Optional[torch.Tensor], pn_weight: Optional[torch.Tensor],
+                   pn_bias: Optional[torch.Tensor], pn_eps: float, use_pn: bool, ln_weight: Optional[torch.Tensor],
+                   ln_bias: Optional[torch.Tensor], ln_eps: float, use_ln: bool) -> torch.Tensor:
+    """[B, R0 + Gh Gw, D] tokens in ``images.dtype``. ``weight`` [D, C, P, P] (any float dtype; the
+    kernel gets it as [D, K] in ``images.dtype``), ``prefix`` [R0, D]: the final rows of the prefix tokens
+    (identical for every image, computed by the caller), ``pos`` [Gh Gw, D] (patch rows only); the
+    LayerNorm parameters in any float dtype."""
+    cdt = _cdt(images)
+    D, P = weight.shape[0], weight.shape[-1]
+    w2d = weight.reshape(D, -1).to(images.dtype).contiguous()
+    R0 = 0 if prefix is None else prefix.shape[0]
+    out = _kernel(images.device)(images, w2d, _compute(bias, cdt), _compute(pos, cdt), _compute(pn_weight, cdt),
+                                 _compute(pn_bias, cdt), float(pn_eps), bool(use_pn), _compute(ln_weight, cdt),
+                                 _compute(ln_bias, cdt), float(ln_eps), bool(use_ln), int(P), int(R0))
+    if R0:
+        out[:, :R0] = prefix.to(out.dtype)
+    return out
+
+
+@patch_embed_op.register_fake
+def _(images, weight, bias, prefix, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias, ln_eps, use_ln):
+    B, _, H, W = images.shape
+    D, P = weight.shape[0], weight.shape[-1]
+    R0 = 0 if prefix is None else prefix.shape[0]
+    n = (-(-H // P)) * (-(-W // P))
+    return images.new_empty((B, R0 + n, D))
+
+
+@torch.library.custom_op("vlops::patch_embed_backward", mutates_args=())
+def patch_embed_backward_op(grad: torch.Tensor, images: torch.Tensor, weight: torch.Tensor,
+                            bias: Optional[torch.Tensor], prefix: Optional[torch.Tensor], pos: Optional[torch.Tensor],
+                            pn_weight: Optional[torch.Tensor], pn_bias: Optional[torch.Tensor], pn_eps: float,
+                            use_pn: bool, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
+                            ln_eps: float, use_ln: bool, needs: list[bool]) -> list[torch.Tensor]:
+    """Gradients of those of (images, weight, bias, prefix, pos, pn_weight, pn_bias, ln_weight, ln_bias) that
+    are given and ``needs`` asks for, in that order, with torch ops in the compute dtype: the GEMM and the
+    LayerNorms' x-hat are recomputed, then the LayerNorm and GEMM backward formulas (no backward kernels
+    yet: this materialises the [B Gh Gw, C P P] patches)."""
+    cdt = _cdt(images)
+    B, C, H, W = images.shape
+    D, P = weight.shape[0], weight.shape[-1]
+    K = C * P * P
+    Gh, Gw = -(-H // P), -(-W // P)
+    N = Gh * Gw
+    R0 = 0 if prefix is None else prefix.shape[0]
+    out: list[Optional[torch.Tensor]] = [None] * 9
+    if needs[3] and prefix is not None:
+        out[3] = grad[:, :R0].to(cdt).sum(0).to(prefix.dtype)
+    # forward recomputation: patches [M, K] (M = B N), e0 = patches W^T + bias, the LayerNorms' x-hat
+    x = images.detach().to(cdt)
+    if Gh * P != H or Gw * P != W:
+        x = F.pad(x, (0, Gw * P - W, 0, Gh * P - H))
+    patches = x.reshape(B, C, Gh, P, Gw, P).permute(0, 2, 4, 1, 3, 5).reshape(B * N, K)
+    w2d = weight.detach().reshape(D, K).to(cdt)
+    e = patches @ w2d.T
+    if bias is not None:
+        e = e + bias.detach().to(cdt)
+
+    def ln_fwd(v, eps):
+        mu = v.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(v.var(-1, unbiased=False, keepdim=True) + eps)
+        return (v - mu) * rstd, rstd
+
+    def ln_bwd(g, xhat, rstd, w):
+        gx = g if w is None else g * w.detach().to(cdt)
+        return rstd * (gx - gx.mean(-1, keepdim=True) - xhat * (gx * xhat).mean(-1, keepdim=True))
+
+    def aff(v, w, b):
+        if w is not None:
+            v = v * w.detach().to(cdt)
+        if b is not None:
+            v = v + b.detach().to(cdt)
+        return v
+
+    xh1 = rs1 = xh2 = rs2 = None
+    if use_pn:
+        xh1, rs1 = ln_fwd(e, pn_eps)
+        e = aff(xh1, pn_weight, pn_bias)
+    if use_ln:
+        if pos is not None:
+            e = (e.view(B, N, D) + pos.detach().to(cdt)).view(B * N, D)
+        xh2, rs2 = ln_fwd(e, ln_eps)
+    del e
+    # backward
+    g = grad[:, R0:].reshape(B * N, D).to(cdt)
+    if use_ln:
+        if needs[7] and ln_weight is not None:
+            out[7] = (g * xh2).sum(0).to(ln_weight.dtype)
+        if needs[8] and ln_bias is not None:
+            out[8] = g.sum(0).to(ln_bias.dtype)
+        g = ln_bwd(g, xh2, rs2, ln_weight)
+    if needs[4] and pos is not None:
+        out[4] = g.view(B, N, D).sum(0).to(pos.dtype)
+    if use_pn:
+        if needs[5] and pn_weight is not None:
+            out[5] = (g * xh1).sum(0).to(pn_weight.dtype)
+        if needs[6] and pn_bias is not None:
+            out[6] = g.sum(0).to(pn_bias.dtype)
+        g = ln_bwd(g, xh1, rs1, pn_weight)
+    if needs[2] and bias is not None:
+        out[2] = g.sum(0).to(bias.dtype)
+    if needs[1]:
+        out[1] = (g.T @ patches).reshape(weight.shape).to(weight.dtype)
+    if needs[0]:
+        gp = (g @ w2d).view(B, Gh, Gw, C, P, P).permute(0, 3, 1, 4, 2, 5).reshape(B, C, Gh * P, Gw * P)
+        out[0] = gp[:, :, :H, :W].to(images.dtype)
+    return [t for t in out if t is not None]
+
+
+@patch_embed_backward_op.register_fake
+def _(grad, images, weight, bias, prefix, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias, ln_eps,
+      use_ln, needs):
+    ts = (images, weight, bias, prefix, pos, pn_weight, pn_bias, ln_weight, ln_bias)
+    return [torch.empty_like(t) for t, n in zip(ts, needs) if t is not None and n]
+
+
+def _setup(ctx, inputs, output):
+    (images, weight, bias, prefix, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias, ln_eps,
+     use_ln) = inputs
+    ctx.save_for_backward(images, weight, bias, prefix, pos, pn_weight, pn_bias, ln_weight, ln_bias)
+    ctx.flags = (pn_eps, use_pn, ln_eps, use_ln)
+
+
+def _backward(ctx, grad):
+    images, weight, bias, prefix, pos, pn_weight, pn_bias, ln_weight, ln_bias = ctx.saved_tensors
+    pn_eps, use_pn, ln_eps, use_ln = ctx.flags
+    nig = ctx.needs_input_grad
+    needs = [nig[0], nig[1], nig[2], nig[3], nig[4], nig[5], nig[6], nig[9], nig[10]]
+    ts = (images, weight, bias, prefix, pos, pn_weight, pn_bias, ln_weight, ln_bias)
+    needs = [bool(n and t is not None) for n, t in zip(needs, ts)]
+    got = iter(patch_embed_backward_op(grad.contiguous(), images, weight, bias, prefix, pos, pn_weight, pn_bias,
+                                       pn_eps, use_pn, ln_weight, ln_bias, ln_eps, use_ln, needs))
+    g = [next(got) if n else None for n in needs]
+    return g[0], g[1], g[2], g[3], g[4], g[5], g[6], None, None, g[7], g[8], None, None
+
+
+patch_embed_op.register_autograd(_backward, setup_context=_setup)
