@@ -75,40 +75,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._tl_common import _dot, _round_to, _store_rounded
+
 __all__ = ["contrastive_lse", "clip_bwd", "siglip_fwd", "siglip_bwd", "AOT_SPECS", "block_config", "default_method"]
 
 
 # ---------------------------------------------------------------------------------------------
-# device helpers
-
-@triton.jit
-def _dot(p, q, acc, F32_DOT: tl.constexpr):
-    """acc + p @ q. F32_DOT (interpreter only): 16-bit operands are widened first, since the
-    interpreter's dot multiplies the raw bits of bf16 tensors."""
-    if F32_DOT:
-        return tl.dot(p.to(tl.float32), q.to(tl.float32), acc)
-    elif p.dtype == tl.float32:
-        # tf32x3 (3 tf32 wgmmas, ~fp32 accurate): one tf32 pass (2**-11 per operand) measured
-        # 5e-4..8e-4 relative gradient errors on an H200, over the fp32 bound
-        return tl.dot(p, q, acc, input_precision="tf32x3")
-    else:
-        return tl.dot(p, q, acc)
-
-
-@triton.jit
-def _round_to(w, dtype: tl.constexpr, F32_DOT: tl.constexpr):
-    """fp32 W as a dot operand of ``dtype``, rounded to nearest even. Under the interpreter
-    (F32_DOT) bf16 rounding is done on the bits (the interpreter's fp32 -> bf16 cast truncates, and
-    its "rtne" mode does not carry into the exponent) and the value stays fp32 (exact in bf16)."""
-    if dtype == tl.float32:
-        return w
-    elif F32_DOT and dtype == tl.bfloat16:
-        bits = w.to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    else:
-        return w.to(dtype, fp_downcast_rounding="rtne")
-
+# device helpers (_dot, _round_to, _store_rounded: kernels/_tl_common.py)
 
 @triton.jit
 def _raw_dot(x_ptr, y_ptr, rx64, ry64, mx, my, D,
@@ -286,13 +259,6 @@ _INTERPRETED = type(_lse_kernel).__name__ == "InterpretedFunction"
 # (cuBLAS on CUDA), R rows of a at a time (see _chunked_* below)
 
 @triton.jit
-def _store_w(w_ptr, offs, w, mask, F32_DOT: tl.constexpr):
-    """Store fp32 w into w_ptr's dtype, rounded to nearest even (see _round_to)."""
-    dt: tl.constexpr = w_ptr.dtype.element_ty
-    tl.store(w_ptr + offs, _round_to(w, dt, F32_DOT).to(dt), mask=mask)
-
-
-@triton.jit
 def _chunk_lse_kernel(raw_ptr, R, M, scale_ptr, pm_ptr, pl_ptr, cm_ptr, cl_ptr, P_STRIDE,
                       BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
     """Program per BLOCK_M columns of raw [R, M]: t = scale * raw. Row partials over its columns
@@ -355,7 +321,7 @@ def _chunk_clip_w_kernel(x_ptr, y_ptr, D, w_ptr, R, M, row0, scale_ptr, lse_r_pt
     lse_c = tl.load(lse_c_ptr + cols, mask=mc, other=0.0)
     wr = c_r * tl.exp(s - lse_r[:, None])
     wc = c_c * tl.exp(s - lse_c[None, :])
-    _store_w(w_ptr, offs, wr + wc, valid, F32_DOT)
+    _store_rounded(w_ptr + offs, wr + wc, valid, F32_DOT)
     ctr_r = tl.load(ctr_r_ptr + g, mask=mr, other=0.0)
     ctr_c = tl.load(ctr_c_ptr + cols, mask=mc, other=0.0)
     t = wr * (raw - ctr_r[:, None]) + wc * (raw - ctr_c[None, :])
@@ -383,7 +349,7 @@ def _chunk_siglip_kernel(raw_ptr, x_ptr, y_ptr, D, w_ptr, R, M, row0, scale_ptr,
     if GRAD:
         e = tl.exp(-tl.abs(t))
         w = tl.where(valid, -z * (tl.where(t >= 0, 1.0, e) / (1.0 + e)), 0.0)
-        _store_w(w_ptr, offs, w, valid, F32_DOT)
+        _store_rounded(w_ptr + offs, w, valid, F32_DOT)
         tl.store(part_ptr + pidx, tl.sum(tl.sum(w * raw, 1), 0))
         tl.store(part_b_ptr + pidx, tl.sum(tl.sum(w, 1), 0))
     else:

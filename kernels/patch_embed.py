@@ -67,46 +67,13 @@ import numbers
 import triton
 import triton.language as tl
 
+from ._tl_common import _dot, _store_rounded
+
 __all__ = ["patch_embed_fwd", "AOT_SPECS", "block_config"]
 
 
 # ---------------------------------------------------------------------------------------------
-# device helpers (as in kernels/contrastive.py)
-
-@triton.jit
-def _dot(p, q, acc, F32_DOT: tl.constexpr):
-    """acc + p @ q. F32_DOT (interpreter only): 16-bit operands are widened first, since the
-    interpreter's dot multiplies the raw bits of bf16 tensors."""
-    if F32_DOT:
-        return tl.dot(p.to(tl.float32), q.to(tl.float32), acc)
-    elif p.dtype == tl.float32:
-        # tf32x3 (3 tf32 wgmmas, ~fp32 accurate): the contract asks ~1e-6 relative for fp32
-        return tl.dot(p, q, acc, input_precision="tf32x3")
-    else:
-        return tl.dot(p, q, acc)
-
-
-@triton.jit
-def _round_to(w, dtype: tl.constexpr, F32_DOT: tl.constexpr):
-    """fp32 ``w`` rounded to nearest even to ``dtype``. Under the interpreter (F32_DOT) bf16 rounding
-    is done on the bits (the interpreter's fp32 -> bf16 cast truncates, and its "rtne" mode does not
-    carry into the exponent) and the value stays fp32 (exact in bf16, so the final cast is exact)."""
-    if dtype == tl.float32:
-        return w
-    elif F32_DOT and dtype == tl.bfloat16:
-        bits = w.to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    else:
-        return w.to(dtype, fp_downcast_rounding="rtne")
-
-
-@triton.jit
-def _store_rounded(ptrs, x, mask, F32_DOT: tl.constexpr):
-    """Store fp32 ``x`` into ``ptrs``' dtype, rounded to nearest even."""
-    dt: tl.constexpr = ptrs.dtype.element_ty
-    tl.store(ptrs, _round_to(x, dt, F32_DOT).to(dt), mask=mask)
-
+# device helpers (_dot, _round_to, _store_rounded: kernels/_tl_common.py)
 
 @triton.jit
 def _layer_norm(x, d, md, D, w_ptr, b_ptr, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr):

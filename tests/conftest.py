@@ -1,6 +1,8 @@
 """Test machinery every op reuses: tolerances by dtype, relative error, poison, backends per device."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -57,3 +59,16 @@ def require_backend(name: str, device: str):
     if why and device == "cuda":
         pytest.skip(why)
     assert not why, f"backend {name} must be available on {device}: {why}"
+
+
+@contextlib.contextmanager
+def cpu_isa(name: str):
+    """Run the CPU kernels with instruction set ``name`` (generic, avx2, avx512) inside the block."""
+    from vlops import _C
+
+    old = _C.cpu_isa()
+    _C.set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        _C.set_cpu_isa(old)

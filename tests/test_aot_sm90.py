@@ -46,11 +46,9 @@ def _load_by_path(modname: str, path: str):
 
 
 def import_kernel_module(name: str):
-    """``vlops.kernels.<name>`` when the package is installed, else ``kernels/<name>.py`` by path."""
-    try:
-        return importlib.import_module(f"vlops.kernels.{name}")
-    except ImportError:
-        return _load_by_path(f"_vlops_kernels_{name}", os.path.join(KERNELS, f"{name}.py"))
+    """``vlops.kernels.<name>`` (the installed package: kernel modules import their shared helpers from
+    ``vlops.kernels._tl_common``)."""
+    return importlib.import_module(f"vlops.kernels.{name}")
 
 
 def _worker(out_json: str) -> int:

@@ -11,12 +11,13 @@ cases never need it.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import zlib
 
 import pytest
 import torch
+
+from conftest import cpu_isa
 
 _C = pytest.importorskip("vlops._C", reason="the compiled extension vlops._C is not built")
 if not hasattr(_C, "contrastive_lse_cpu"):
@@ -232,16 +233,6 @@ def test_negative_only(fn, neg):
 def test_many_tiles(fn, dtype):
     """Several row / column groups and partial tiles (fp32 tiles are 256 x 512, fp64 128 x 256)."""
     run_case(fn, 1100, 1337, 64, dtype, "unit", neg=False, salt=7)
-
-
-@contextlib.contextmanager
-def cpu_isa(name):
-    old = _C.cpu_isa()
-    _C.set_cpu_isa(name)
-    try:
-        yield
-    finally:
-        _C.set_cpu_isa(old)
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])

@@ -100,18 +100,7 @@ CASES = _cases()
 # worker (runs in the subprocess)
 
 def _load_kernel_module():
-    try:
-        from vlops.kernels import contrastive as k  # installed package
-        return k
-    except ImportError:
-        name = "_vlops_kernels_contrastive"
-        if name in sys.modules:
-            return sys.modules[name]
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "kernels", "contrastive.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        return mod
+    return importlib.import_module("vlops.kernels.contrastive")  # the installed package (kernels/ -> vlops.kernels)
 
 
 def _rel(torch, out, ref):
@@ -264,7 +253,7 @@ def _worker(device: str, out_json: str, seed: int) -> int:
 # --------------------------------------------------------------------------------------------
 # pytest side (no triton import here)
 
-from triton_worker import worker_fixtures  # noqa: E402
+from triton_worker import assert_collected_by_aot, worker_fixtures  # noqa: E402
 
 interp_results, gpu_results = worker_fixtures(__file__, "contrastive")
 
@@ -302,18 +291,10 @@ def test_gpu(gpu_results, case):
 
 
 def test_aot_collects_contrastive():
-    """tests/test_aot_sm90.py compiles every kernels/*.py module's AOT_SPECS (wgmma required: every
-    contrastive spec is flagged matmul=True); make sure this module is among them."""
-    spec = importlib.util.spec_from_file_location("_contrastive_aot_probe", os.path.join(HERE, "test_aot_sm90.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert "contrastive" in mod.kernel_module_names()
-    src = open(os.path.join(ROOT, "kernels", "contrastive.py")).read()
-    assert '"matmul": True' in src and "AOT_SPECS = [" in src
+    assert_collected_by_aot("contrastive")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
-        sys.exit(_worker(sys.argv[2], sys.argv[3], int(sys.argv[4])))
-    print(f"usage: {sys.argv[0]} --worker cpu|cuda OUT.json SEED", file=sys.stderr)
-    sys.exit(2)
+    from triton_worker import worker_main
+
+    sys.exit(worker_main(_worker))

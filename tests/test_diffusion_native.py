@@ -8,7 +8,6 @@ the reference computed in that dtype. Outputs are poisoned with NaN before every
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import random
@@ -17,6 +16,8 @@ import zlib
 
 import pytest
 import torch
+
+from conftest import cpu_isa
 
 from vlops.reference import diffusion as ref
 
@@ -42,16 +43,6 @@ def _schedule():
 
 
 AC, PREV = _schedule()
-
-
-@contextlib.contextmanager
-def cpu_isa(name):
-    old = _C.cpu_isa()
-    _C.set_cpu_isa(name)
-    try:
-        yield
-    finally:
-        _C.set_cpu_isa(old)
 
 
 def make_case(*, B=5, N=105, dtype=torch.float32, mode=0, pred=0, var=0, guided=True, clip=False,

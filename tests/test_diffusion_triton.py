@@ -18,7 +18,6 @@ In-kernel noise equals ``philox_normal`` within 1e-5 absolute; the Philox output
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -115,18 +114,7 @@ assert len({c["id"] for c in CASES}) == len(CASES), "case ids must be unique"
 # Worker (runs in the subprocess)
 
 def _load_kernel_module():
-    try:
-        from vlops.kernels import diffusion_step as k  # installed package
-        return k
-    except ImportError:
-        name = "_vlops_kernels_diffusion_step"
-        if name in sys.modules:
-            return sys.modules[name]
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "kernels", "diffusion_step.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        return mod
+    return importlib.import_module("vlops.kernels.diffusion_step")  # the installed package (kernels/ -> vlops.kernels)
 
 
 def _schedule(torch, T=1000):
@@ -419,7 +407,6 @@ def test_gpu_noise_matches_philox_normal(gpu_results):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
-        sys.exit(_worker(sys.argv[2], sys.argv[3], int(sys.argv[4])))
-    print(f"usage: {sys.argv[0]} --worker cpu|cuda OUT.json SEED", file=sys.stderr)
-    sys.exit(2)
+    from triton_worker import worker_main
+
+    sys.exit(worker_main(_worker))

@@ -8,13 +8,13 @@ The reference is evaluated on the inputs as given (already rounded to their dtyp
 """
 from __future__ import annotations
 
-import contextlib
-import itertools
 import os
 import zlib
 
 import pytest
 import torch
+
+from conftest import cpu_isa
 import torch.nn.functional as F
 
 _C = pytest.importorskip("vlops._C", reason="the compiled extension vlops._C is not built")
@@ -268,16 +268,6 @@ def test_thread_counts_and_determinism():
     finally:
         torch.set_num_threads(old)
     assert relerr(single, first) <= 1e-6
-
-
-@contextlib.contextmanager
-def cpu_isa(name):
-    old = _C.cpu_isa()
-    _C.set_cpu_isa(name)
-    try:
-        yield
-    finally:
-        _C.set_cpu_isa(old)
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])

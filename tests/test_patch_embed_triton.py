@@ -115,18 +115,7 @@ INTERP_CASES = [c for c in CASES if not c["gpu_only"]]
 # worker (runs in the subprocess)
 
 def _load_kernel_module():
-    try:
-        from vlops.kernels import patch_embed as k  # installed package
-        return k
-    except ImportError:
-        name = "_vlops_kernels_patch_embed"
-        if name in sys.modules:
-            return sys.modules[name]
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "kernels", "patch_embed.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        return mod
+    return importlib.import_module("vlops.kernels.patch_embed")  # the installed package (kernels/ -> vlops.kernels)
 
 
 def _rel(torch, out, ref):
@@ -325,7 +314,7 @@ def _worker(device: str, out_json: str, seed: int) -> int:
 # --------------------------------------------------------------------------------------------
 # pytest side (no triton import here)
 
-from triton_worker import worker_fixtures  # noqa: E402
+from triton_worker import assert_collected_by_aot, worker_fixtures  # noqa: E402
 
 interp_results, gpu_results = worker_fixtures(__file__, "patch_embed")
 
@@ -369,18 +358,10 @@ def test_gpu_bad_input(gpu_results):
 
 
 def test_aot_collects_patch_embed():
-    """tests/test_aot_sm90.py compiles every kernels/*.py module's AOT_SPECS (wgmma required for the
-    GEMM specs, flagged matmul=True); make sure this module is among them."""
-    spec = importlib.util.spec_from_file_location("_patch_embed_aot_probe", os.path.join(HERE, "test_aot_sm90.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert "patch_embed" in mod.kernel_module_names()
-    src = open(os.path.join(ROOT, "kernels", "patch_embed.py")).read()
-    assert '"matmul": True' in src and "AOT_SPECS = [" in src
+    assert_collected_by_aot("patch_embed")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
-        sys.exit(_worker(sys.argv[2], sys.argv[3], int(sys.argv[4])))
-    print(f"usage: {sys.argv[0]} --worker cpu|cuda OUT.json SEED", file=sys.stderr)
-    sys.exit(2)
+    from triton_worker import worker_main
+
+    sys.exit(worker_main(_worker))

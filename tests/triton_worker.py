@@ -52,3 +52,26 @@ def worker_fixtures(script: str, tag: str):
         return run_worker(script, tag, tmp_path_factory, "cuda", interpret=False)
 
     return interp_results, gpu_results
+
+
+def worker_main(worker) -> int:
+    """The ``__main__`` of a Triton test module: ``python tests/<module>.py --worker cpu|cuda OUT.json SEED``."""
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        return worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    print(f"usage: {sys.argv[0]} --worker cpu|cuda OUT.json SEED", file=sys.stderr)
+    return 2
+
+
+def assert_collected_by_aot(module: str, matmul: bool = True):
+    """tests/test_aot_sm90.py compiles every kernels/*.py module's AOT_SPECS (wgmma required for the specs
+    flagged matmul=True): check that ``module`` is among them and declares such specs."""
+    import importlib.util
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location(f"_{module}_aot_probe", os.path.join(here, "test_aot_sm90.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert module in mod.kernel_module_names()
+    with open(os.path.join(os.path.dirname(here), "kernels", f"{module}.py")) as f:
+        src = f.read()
+    assert "AOT_SPECS = [" in src and (not matmul or '"matmul": True' in src)

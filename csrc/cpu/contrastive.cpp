@@ -36,10 +36,7 @@
 #include <vector>
 
 #include "diffusion_step_check.h"  // VLOPS_CHECK
-
-// The 64-byte vector helpers are always inlined: no vector crosses a call boundary, so the ABI note
-// GCC gives for them (-Wpsabi) does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#include "vec16.h"  // 16-lane vector helpers (silences -Wpsabi: no vector crosses a call boundary)
 
 namespace vlops {
 namespace cpu {
@@ -48,55 +45,8 @@ std::string cpu_isa();  // csrc/cpu/diffusion_step.cpp: the instruction set the 
 
 namespace {
 
-#define CVINL static inline __attribute__((always_inline))
+using namespace vec16;  // csrc/cpu/vec16.h: vf, vi, F32 / F64, splat, vload, vstore, sel, hsum, ...
 
-// ------------------------------------------------------------------------------------------------
-// Vector helpers: fp32 as 16-lane GCC vectors (one zmm, two ymm or four xmm registers depending on
-// the target the caller is compiled for); fp64 as plain scalars with the same function names.
-// ------------------------------------------------------------------------------------------------
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-
-struct F32 {
-  using S = float;
-  using V = vf;
-  using Mask = vi;
-  static constexpr int W = 16;
-};
-struct F64 {
-  using S = double;
-  using V = double;
-  using Mask = bool;
-  static constexpr int W = 1;
-};
-
-CVINL vf splat(float x) { return vf{} + x; }
-CVINL vf vload(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-CVINL void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-CVINL vi lanes_from(int32_t j) {
-  const vi iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  return iota + j;
-}
-CVINL vf sel(vi m, vf a, vf b) { return m ? a : b; }
-CVINL vf vmax(vf a, vf b) { return a > b ? a : b; }
-CVINL vf vabs(vf a) { return a < 0.0f ? -a : a; }
-CVINL float hsum(vf v) {
-  // fixed pairwise order
-  float t[16];
-  std::memcpy(t, &v, sizeof(v));
-  for (int w = 8; w >= 1; w >>= 1)
-    for (int l = 0; l < w; ++l) t[l] += t[l + w];
-  return t[0];
-}
-CVINL float hmax(vf v) {
-  float m = v[0];
-  for (int l = 1; l < 16; ++l) m = v[l] > m ? v[l] : m;
-  return m;
-}
 // exp, cephes expf (~1 ulp); the argument is clamped to [-87, 88] (no overflow, no denormals).
 CVINL vf vexp(vf x) {
   x = x < -87.0f ? splat(-87.0f) : x;
@@ -142,14 +92,6 @@ CVINL vf vlog1p01(vf e) {
   return sel(tiny, e, lg * (e / sel(tiny, splat(1.0f), um1)));
 }
 
-CVINL double splat(double x) { return x; }
-CVINL double vload(const double* p) { return *p; }
-CVINL void vstore(double* p, double v) { *p = v; }
-CVINL double sel(bool m, double a, double b) { return m ? a : b; }
-CVINL double vmax(double a, double b) { return a > b ? a : b; }
-CVINL double vabs(double a) { return std::fabs(a); }
-CVINL double hsum(double v) { return v; }
-CVINL double hmax(double v) { return v; }
 CVINL double vexp(double x) { return std::exp(x); }
 CVINL double vlog1p01(double e) { return std::log1p(e); }
 

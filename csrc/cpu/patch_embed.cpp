@@ -46,10 +46,7 @@
 #include <vector>
 
 #include "diffusion_step_check.h"  // VLOPS_CHECK
-
-// The 64-byte vector helpers are always inlined: no vector crosses a call boundary, so the ABI note
-// GCC gives for them (-Wpsabi) does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#include "vec16.h"  // 16-lane vector helpers (silences -Wpsabi: no vector crosses a call boundary)
 
 namespace vlops {
 namespace cpu {
@@ -58,42 +55,7 @@ std::string cpu_isa();  // csrc/cpu/diffusion_step.cpp: the instruction set the 
 
 namespace {
 
-#define PEINL static inline __attribute__((always_inline))
-
-// ------------------------------------------------------------------------------------------------
-// Vector helpers: fp32 as 16-lane GCC vectors; fp64 as plain scalars with the same function names.
-// ------------------------------------------------------------------------------------------------
-typedef float pe_vf __attribute__((vector_size(64)));
-
-struct F32 {
-  using S = float;
-  using V = pe_vf;
-  static constexpr int W = 16;
-};
-struct F64 {
-  using S = double;
-  using V = double;
-  static constexpr int W = 1;
-};
-
-PEINL pe_vf splat(float x) { return pe_vf{} + x; }
-PEINL pe_vf vload(const float* p) {
-  pe_vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-PEINL void vstore(float* p, const pe_vf& v) { std::memcpy(p, &v, sizeof(v)); }
-PEINL float hsum(const pe_vf& v) {  // fixed pairwise order
-  float t[16];
-  std::memcpy(t, &v, sizeof(v));
-  for (int w = 8; w >= 1; w >>= 1)
-    for (int l = 0; l < w; ++l) t[l] += t[l + w];
-  return t[0];
-}
-PEINL double splat(double x) { return x; }
-PEINL double vload(const double* p) { return *p; }
-PEINL void vstore(double* p, double v) { *p = v; }
-PEINL double hsum(double v) { return v; }
+using namespace vec16;  // csrc/cpu/vec16.h: vf, F32 / F64, splat, vload, vstore, hsum, ...
 
 // ------------------------------------------------------------------------------------------------
 // Epilogue: rows of the GEMM tile, in place
@@ -120,7 +82,7 @@ struct Epi {
 
 // x = (x + a1) + a2; returns sum x
 template <class Tr>
-PEINL typename Tr::S add2_sum(typename Tr::S* x, const typename Tr::S* a1, const typename Tr::S* a2, int64_t D) {
+CVINL typename Tr::S add2_sum(typename Tr::S* x, const typename Tr::S* a1, const typename Tr::S* a2, int64_t D) {
   using S = typename Tr::S;
   using V = typename Tr::V;
   constexpr int W = Tr::W;
@@ -142,7 +104,7 @@ PEINL typename Tr::S add2_sum(typename Tr::S* x, const typename Tr::S* a1, const
 
 // sum (x - mean)^2
 template <class Tr>
-PEINL typename Tr::S sq_dev(const typename Tr::S* x, typename Tr::S mean, int64_t D) {
+CVINL typename Tr::S sq_dev(const typename Tr::S* x, typename Tr::S mean, int64_t D) {
   using S = typename Tr::S;
   using V = typename Tr::V;
   constexpr int W = Tr::W;
@@ -162,7 +124,7 @@ PEINL typename Tr::S sq_dev(const typename Tr::S* x, typename Tr::S mean, int64_
 
 // x = (x - mean) * rstd * w + b + add; returns sum x
 template <class Tr>
-PEINL typename Tr::S norm_add_sum(typename Tr::S* x, typename Tr::S mean, typename Tr::S rstd,
+CVINL typename Tr::S norm_add_sum(typename Tr::S* x, typename Tr::S mean, typename Tr::S rstd,
                                   const typename Tr::S* w, const typename Tr::S* b, const typename Tr::S* add,
                                   int64_t D) {
   using S = typename Tr::S;
@@ -185,12 +147,12 @@ PEINL typename Tr::S norm_add_sum(typename Tr::S* x, typename Tr::S mean, typena
 }
 
 template <class S>
-PEINL S inv_std(S var_sum, int64_t D, double eps) {
+CVINL S inv_std(S var_sum, int64_t D, double eps) {
   return (S)(1.0 / std::sqrt((double)var_sum / (double)D + eps));
 }
 
 template <class Tr>
-PEINL void epi_body(const Epi<typename Tr::S>& a) {
+CVINL void epi_body(const Epi<typename Tr::S>& a) {
   using S = typename Tr::S;
   const int64_t D = a.D;
   int64_t n = a.n0;
@@ -262,7 +224,7 @@ struct Geom {
 
 // n pixels from s (stride sw) to d (contiguous); constant-size copies for the common patch sizes.
 template <class E>
-PEINL void copy_px(E* d, const E* s, int64_t n, int64_t sw) {
+CVINL void copy_px(E* d, const E* s, int64_t n, int64_t sw) {
   if (sw == 1) {
     switch (n) {
       case 16: std::memcpy(d, s, 16 * sizeof(E)); return;

@@ -39,7 +39,6 @@ Kernel contract (forward; one function per backend: ``vlops._C.patch_embed_fwd_c
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

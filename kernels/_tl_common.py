@@ -1,0 +1,42 @@
+"""Triton device helpers shared by the kernel modules of this package (not a kernel module itself: the
+AOT check skips files starting with "_")."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(p, q, acc, F32_DOT: tl.constexpr):
+    """acc + p @ q with fp32 accumulation. fp32 operands: ``tf32x3`` (three tf32 wgmmas, ~fp32 accurate;
+    one tf32 pass rounds each operand to 2**-11). F32_DOT (interpreter only): 16-bit operands are widened
+    first, since the interpreter's dot multiplies the raw bits of bf16 tensors."""
+    if F32_DOT:
+        return tl.dot(p.to(tl.float32), q.to(tl.float32), acc)
+    elif p.dtype == tl.float32:
+        return tl.dot(p, q, acc, input_precision="tf32x3")
+    else:
+        return tl.dot(p, q, acc)
+
+
+@triton.jit
+def _round_to(w, dtype: tl.constexpr, F32_DOT: tl.constexpr):
+    """fp32 ``w`` rounded to nearest even to ``dtype`` (as a dot operand or for a store). Under the
+    interpreter (F32_DOT) bf16 rounding is done on the bits (the interpreter's fp32 -> bf16 cast truncates,
+    and its "rtne" mode does not carry into the exponent) and the value stays fp32 (exact in bf16, so a
+    final cast is exact)."""
+    if dtype == tl.float32:
+        return w
+    elif F32_DOT and dtype == tl.bfloat16:
+        bits = w.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return w.to(dtype, fp_downcast_rounding="rtne")
+
+
+@triton.jit
+def _store_rounded(ptrs, x, mask, F32_DOT: tl.constexpr):
+    """Store fp32 ``x`` into ``ptrs``' dtype, rounded to nearest even."""
+    dt: tl.constexpr = ptrs.dtype.element_ty
+    tl.store(ptrs, _round_to(x, dt, F32_DOT).to(dt), mask=mask)
