@@ -36,6 +36,32 @@ Kernel contract (forward; one function per backend: ``vlops._C.patch_embed_fwd_c
   16-bit inputs within the dtype's rounding of the result (products of 16-bit operands are exact in
   float32).
 - No [B * Gh * Gw, K] unfold buffer: patches are gathered from ``images`` tile by tile.
+
+Kernel contract (backward; ``vlops._C.patch_embed_bwd_cpu``, ``vlops.kernels.patch_embed.patch_embed_bwd``)::
+
+    patch_embed_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn,
+                    ln_weight, ln_bias, ln_eps, use_ln, patch_size, prefix_tokens, need_images)
+        -> (d_images, d_weight, d_bias, d_pos, d_pn_weight, d_pn_bias, d_ln_weight, d_ln_bias)
+
+- The forward's arguments (same rules), plus ``grad`` [B, R0 + Gh * Gw, D] contiguous (the dtype of
+  ``images`` or float32): only its rows ``R0 ..`` are read (the prefix rows' gradient is the caller's).
+- Returns, all in the compute dtype (float32; float64 for float64 images) and contiguous:
+  ``d_weight`` [D, K]; ``d_bias`` [D]; ``d_pos`` [Gh * Gw, D] (the sum over the batch); ``d_pn_weight``,
+  ``d_pn_bias`` (when ``use_pn``), ``d_ln_weight``, ``d_ln_bias`` (when ``use_ln``) [D]; ``d_images``
+  [B, C, H, W] contiguous when ``need_images`` (pixels in the zero padding dropped); an output whose
+  input is absent (None, or its norm off, or ``need_images`` False) is None. The caller skips what it
+  does not need: every tensor output may be computed.
+- Math: the forward is recomputed per tile (x0 = W p + bias, the LayerNorms' mean / rstd), then with
+  ``g`` = grad rows in the compute dtype::
+
+      use_ln:  d_ln_weight += sum g * xhat2, d_ln_bias += sum g;  g = rstd2 (gx - mean(gx) - xhat2 mean(gx xhat2)),
+               gx = g * ln_weight (g when ln_weight is None)
+      pos:     d_pos[n] += g                      (over the batch)
+      use_pn:  the same LayerNorm backward with pn_*, xhat1, rstd1
+      bias:    d_bias += g;  d_weight += g^T p;  d_images (scattered back to the patches' pixels) = g W
+
+  Sums over rows in a fixed order (the same result on every run at a given thread count).
+- Memory: no [B * Gh * Gw, K] buffer and no [B * Gh * Gw, D] buffer beyond what a tile needs.
 """
 from __future__ import annotations
 
@@ -134,35 +160,25 @@ def _(images, weight, bias, prefix, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_
     return images.new_empty((B, R0 + n, D))
 
 
-@torch.library.custom_op("vlops::patch_embed_backward", mutates_args=())
-def patch_embed_backward_op(grad: torch.Tensor, images: torch.Tensor, weight: torch.Tensor,
-                            bias: Optional[torch.Tensor], prefix: Optional[torch.Tensor], pos: Optional[torch.Tensor],
-                            pn_weight: Optional[torch.Tensor], pn_bias: Optional[torch.Tensor], pn_eps: float,
-                            use_pn: bool, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
-                            ln_eps: float, use_ln: bool, needs: list[bool]) -> list[torch.Tensor]:
-    """Gradients of those of (images, weight, bias, prefix, pos, pn_weight, pn_bias, ln_weight, ln_bias) that
-    are given and ``needs`` asks for, in that order, with torch ops in the compute dtype: the GEMM and the
-    LayerNorms' x-hat are recomputed, then the LayerNorm and GEMM backward formulas (no backward kernels
-    yet: this materialises the [B Gh Gw, C P P] patches)."""
+def _ref_patch_embed_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias,
+                         ln_eps, use_ln, patch_size, prefix_tokens, need_images):
+    """The backward contract with torch ops (the ``reference`` backend, and the fallback of backends with
+    no backward kernel): recomputes the GEMM and the LayerNorms' x-hat, then the LayerNorm and GEMM
+    backward formulas. It materialises the [B Gh Gw, C P P] patches."""
     cdt = _cdt(images)
     B, C, H, W = images.shape
-    D, P = weight.shape[0], weight.shape[-1]
-    K = C * P * P
+    P = patch_size
+    D, K = weight.shape
     Gh, Gw = -(-H // P), -(-W // P)
     N = Gh * Gw
-    R0 = 0 if prefix is None else prefix.shape[0]
-    out: list[Optional[torch.Tensor]] = [None] * 9
-    if needs[3] and prefix is not None:
-        out[3] = grad[:, :R0].to(cdt).sum(0).to(prefix.dtype)
-    # forward recomputation: patches [M, K] (M = B N), e0 = patches W^T + bias, the LayerNorms' x-hat
-    x = images.detach().to(cdt)
+    x = images.to(cdt)
     if Gh * P != H or Gw * P != W:
         x = F.pad(x, (0, Gw * P - W, 0, Gh * P - H))
     patches = x.reshape(B, C, Gh, P, Gw, P).permute(0, 2, 4, 1, 3, 5).reshape(B * N, K)
-    w2d = weight.detach().reshape(D, K).to(cdt)
+    w2d = weight.to(cdt)
     e = patches @ w2d.T
     if bias is not None:
-        e = e + bias.detach().to(cdt)
+        e = e + bias
 
     def ln_fwd(v, eps):
         mu = v.mean(-1, keepdim=True)
@@ -170,48 +186,82 @@ def patch_embed_backward_op(grad: torch.Tensor, images: torch.Tensor, weight: to
         return (v - mu) * rstd, rstd
 
     def ln_bwd(g, xhat, rstd, w):
-        gx = g if w is None else g * w.detach().to(cdt)
+        gx = g if w is None else g * w
         return rstd * (gx - gx.mean(-1, keepdim=True) - xhat * (gx * xhat).mean(-1, keepdim=True))
-
-    def aff(v, w, b):
-        if w is not None:
-            v = v * w.detach().to(cdt)
-        if b is not None:
-            v = v + b.detach().to(cdt)
-        return v
 
     xh1 = rs1 = xh2 = rs2 = None
     if use_pn:
         xh1, rs1 = ln_fwd(e, pn_eps)
-        e = aff(xh1, pn_weight, pn_bias)
+        e = xh1 if pn_weight is None else xh1 * pn_weight
+        e = e if pn_bias is None else e + pn_bias
     if use_ln:
         if pos is not None:
-            e = (e.view(B, N, D) + pos.detach().to(cdt)).view(B * N, D)
+            e = (e.view(B, N, D) + pos).view(B * N, D)
         xh2, rs2 = ln_fwd(e, ln_eps)
     del e
-    # backward
-    g = grad[:, R0:].reshape(B * N, D).to(cdt)
+    g = grad[:, prefix_tokens:].reshape(B * N, D).to(cdt)
+    d_ln_w = d_ln_b = d_pn_w = d_pn_b = d_pos = d_bias = d_images = None
     if use_ln:
-        if needs[7] and ln_weight is not None:
-            out[7] = (g * xh2).sum(0).to(ln_weight.dtype)
-        if needs[8] and ln_bias is not None:
-            out[8] = g.sum(0).to(ln_bias.dtype)
+        d_ln_w = (g * xh2).sum(0) if ln_weight is not None else None
+        d_ln_b = g.sum(0) if ln_bias is not None else None
         g = ln_bwd(g, xh2, rs2, ln_weight)
-    if needs[4] and pos is not None:
-        out[4] = g.view(B, N, D).sum(0).to(pos.dtype)
+    if pos is not None:
+        d_pos = g.view(B, N, D).sum(0)
     if use_pn:
-        if needs[5] and pn_weight is not None:
-            out[5] = (g * xh1).sum(0).to(pn_weight.dtype)
-        if needs[6] and pn_bias is not None:
-            out[6] = g.sum(0).to(pn_bias.dtype)
+        d_pn_w = (g * xh1).sum(0) if pn_weight is not None else None
+        d_pn_b = g.sum(0) if pn_bias is not None else None
         g = ln_bwd(g, xh1, rs1, pn_weight)
-    if needs[2] and bias is not None:
-        out[2] = g.sum(0).to(bias.dtype)
-    if needs[1]:
-        out[1] = (g.T @ patches).reshape(weight.shape).to(weight.dtype)
-    if needs[0]:
+    if bias is not None:
+        d_bias = g.sum(0)
+    d_weight = g.T @ patches
+    if need_images:
         gp = (g @ w2d).view(B, Gh, Gw, C, P, P).permute(0, 3, 1, 4, 2, 5).reshape(B, C, Gh * P, Gw * P)
-        out[0] = gp[:, :, :H, :W].to(images.dtype)
+        d_images = gp[:, :, :H, :W].contiguous()
+    return d_images, d_weight, d_bias, d_pos, d_pn_w, d_pn_b, d_ln_w, d_ln_b
+
+
+def _bwd_kernel(device: torch.device):
+    """The backward kernel of the backend that runs the op; the torch formulas where that backend has
+    no backward kernel yet."""
+    backend = _backends.resolve(OP, device)
+    if backend == "cpu":
+        fn = getattr(_backends.extension(), "patch_embed_bwd_cpu", None)
+    elif backend == "triton":
+        from vlops.kernels import patch_embed as k
+
+        fn = getattr(k, "patch_embed_bwd", None)
+    else:
+        fn = None
+    return fn or _ref_patch_embed_bwd
+
+
+@torch.library.custom_op("vlops::patch_embed_backward", mutates_args=())
+def patch_embed_backward_op(grad: torch.Tensor, images: torch.Tensor, weight: torch.Tensor,
+                            bias: Optional[torch.Tensor], prefix: Optional[torch.Tensor], pos: Optional[torch.Tensor],
+                            pn_weight: Optional[torch.Tensor], pn_bias: Optional[torch.Tensor], pn_eps: float,
+                            use_pn: bool, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
+                            ln_eps: float, use_ln: bool, needs: list[bool]) -> list[torch.Tensor]:
+    """Gradients of those of (images, weight, bias, prefix, pos, pn_weight, pn_bias, ln_weight, ln_bias) that
+    are given and ``needs`` asks for, in that order, each in its input's dtype (the backward contract of
+    the module docstring; the prefix rows' gradient is the sum of their incoming gradients)."""
+    cdt = _cdt(images)
+    D, P = weight.shape[0], weight.shape[-1]
+    R0 = 0 if prefix is None else prefix.shape[0]
+    out: list[Optional[torch.Tensor]] = [None] * 9
+    if needs[3] and prefix is not None:
+        out[3] = grad[:, :R0].to(cdt).sum(0).to(prefix.dtype)
+    if any(needs[i] for i in (0, 1, 2, 4, 5, 6, 7, 8)):
+        w2d = weight.reshape(D, -1).to(images.dtype).contiguous()
+        got = _bwd_kernel(images.device)(
+            grad.contiguous(), images, w2d, _compute(bias, cdt), _compute(pos, cdt), _compute(pn_weight, cdt),
+            _compute(pn_bias, cdt), float(pn_eps), bool(use_pn), _compute(ln_weight, cdt), _compute(ln_bias, cdt),
+            float(ln_eps), bool(use_ln), int(P), int(R0), bool(needs[0]))
+        d_images, d_weight, d_bias, d_pos, d_pn_w, d_pn_b, d_ln_w, d_ln_b = got
+        given = (images, weight, bias, None, pos, pn_weight, pn_bias, ln_weight, ln_bias)
+        for i, g in ((0, d_images), (1, d_weight), (2, d_bias), (4, d_pos), (5, d_pn_w), (6, d_pn_b), (7, d_ln_w),
+                     (8, d_ln_b)):
+            if needs[i] and given[i] is not None:
+                out[i] = g.reshape(given[i].shape).to(given[i].dtype)
     return [t for t in out if t is not None]
 
 
