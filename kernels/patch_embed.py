@@ -55,6 +55,29 @@ bf16 cast truncates; see ``_round_to``). Under ``TRITON_INTERPRET=1`` the dots a
 of bf16 tensors). Element offsets of ``out``, the scratch and the image batch term are int64
 (``B T D`` may exceed 2**31); offsets within one image are 32-bit unless a stride needs 64.
 
+Backward (:func:`patch_embed_bwd`, the backward contract of :mod:`vlops.ops.patch_embed`), four launches:
+
+1. (only when a LayerNorm is on) ``_patch_gemm_kernel`` recomputes ``x0 = W p + bias`` in fp32 into a scratch
+   ``g0`` [B Gh Gw, D] (tf32x3 / 16-bit dots as in the forward).
+2. ``_patch_norm_bwd_kernel``: program (patch-row block of ``ROWS``, chunk of ``BCHUNK`` images, images in
+   order) recomputes LN1 / + pos / LN2 statistics of its rows in fp32, runs the LN2 and LN1 backwards and
+   writes ``g0`` = the gradient of x0 in place; per-program partial sums (fixed order, no atomics) of
+   d_bias, d_pn_*, d_ln_* ([5, programs, D]) and of d_pos per image chunk ([chunks, Gh Gw, D]), then summed
+   by torch over the programs (deterministic).
+3. ``_patch_dweight_kernel``: d_weight [D, K] = g0^T p, an implicit GEMM gathering the patch tiles from the
+   images as the forward does, reducing over the token rows in ``SPLIT_M`` splits (about 264 programs),
+   partials [splits, D, K] summed by torch in a fixed order.
+4. (``need_images``) ``_patch_dimages_kernel``: dp = g0 W, each (row, k) stored straight at its pixel of a
+   contiguous fp32 d_images (implicit col2im: non-overlapping patches, each pixel written exactly once, the
+   padding pixels dropped).
+
+For 16-bit inputs g0 is rounded to the input dtype as a dot operand (as flash attention rounds P), the
+products exact in fp32, fp32 accumulation; fp32 uses tf32x3. Memory (first version, beyond what the contract
+asks): the fp32 ``g0`` [B Gh Gw, D] (ViT-B/16, 224 px, B = 256: 154 MB; ViT-L/14: 205 MB), the d_weight
+partials ``4 splits D K`` bytes (ViT-B/16: ~8 x 2.4 MB) and the row-kernel partials (~1024 x 5 x D floats,
+plus chunks x Gh Gw x D for d_pos). No [B Gh Gw, K] buffer. Not yet done: fusing the row kernel into the
+recompute GEMM's epilogue (needs a whole D row per program) to drop the x0 round trip.
+
 Checked only by the interpreter (tests/test_patch_embed_triton.py) and the sm_90a AOT compile
 (tests/test_aot_sm90.py: wgmma, no spills, shared memory); tile sizes are starting points, not tuned
 on a GPU.
@@ -67,9 +90,9 @@ import numbers
 import triton
 import triton.language as tl
 
-from ._tl_common import _dot, _store_rounded
+from ._tl_common import _dot, _round_to, _store_rounded
 
-__all__ = ["patch_embed_fwd", "AOT_SPECS", "block_config"]
+__all__ = ["patch_embed_fwd", "patch_embed_bwd", "AOT_SPECS", "block_config"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +198,194 @@ def _patch_norm_kernel(x_ptr, pos_ptr, pn_w_ptr, pn_b_ptr, ln_w_ptr, ln_b_ptr, o
     _store_rounded(out_ptr + o_row[:, None] + d[None, :], x, mask, F32_DOT)
 
 
+
+@triton.jit
+def _ln_bwd(g, xhat, rstd, d, md, mask, D, w_ptr, HAS_W: tl.constexpr):
+    """LayerNorm backward over the last axis (fp32, [ROWS, BLOCK_D]): rstd (gx - mean(gx) - xhat mean(gx xhat)),
+    gx = g * w (g when no weight); zero outside ``mask``."""
+    gx = g
+    if HAS_W:
+        gx = gx * tl.load(w_ptr + d, mask=md, other=0.0)[None, :]
+    c1 = tl.sum(gx * xhat, 1) / D
+    c2 = tl.sum(gx, 1) / D
+    return tl.where(mask, rstd[:, None] * (gx - c2[:, None] - xhat * c1[:, None]), 0.0)
+
+
+@triton.jit
+def _ln_stats(x, md, mask, D, eps):
+    """xhat (zero outside ``mask``) and rstd of fp32 rows ``x`` [ROWS, BLOCK_D]."""
+    mean = tl.sum(x, 1) / D
+    xc = tl.where(md[None, :], x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, 1) / D
+    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    return tl.where(mask, xc * rstd[:, None], 0.0), rstd
+
+
+@triton.jit
+def _patch_norm_bwd_kernel(grad_ptr, g0_ptr, pos_ptr, pn_w_ptr, pn_b_ptr, ln_w_ptr, ln_b_ptr, part_ptr, dpos_ptr,
+                           B, D, NP, T, R0, BCHUNK, NPROG, pn_eps, ln_eps,
+                           USE_PN: tl.constexpr, PN_W: tl.constexpr, PN_B: tl.constexpr, HAS_POS: tl.constexpr,
+                           USE_LN: tl.constexpr, LN_W: tl.constexpr, LN_B: tl.constexpr,
+                           ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (pid_n, pid_b): patches n in [pid_n ROWS, + ROWS) of images b in [pid_b BCHUNK, + BCHUNK), b in
+    order. Per row m = b NP + n: g = grad[b T + R0 + n] (fp32); when a LayerNorm is on, x0 = g0[m] (the
+    recomputed x0 = W p + bias) and the forward's LN1 / + pos / LN2 statistics are recomputed; LN2 backward, LN1
+    backward; g0[m] = the gradient of x0 (in place over x0). Partial sums of the program (fixed order, no
+    atomics), part[j, pid, :] for j = 0 d_bias, 1 d_pn_weight, 2 d_pn_bias, 3 d_ln_weight, 4 d_ln_bias
+    (pid = pid_b * num_n + pid_n, NPROG programs), and dpos[pid_b, n] = sum over the program's b of the
+    gradient at the position add."""
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid = pid_b * tl.num_programs(0) + pid_n
+    n = pid_n * ROWS + tl.arange(0, ROWS)
+    mn = n < NP
+    d = tl.arange(0, BLOCK_D)
+    md = d < D
+    NORM: tl.constexpr = USE_PN or USE_LN
+    s_bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    s_pnw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    s_pnb = tl.zeros([BLOCK_D], dtype=tl.float32)
+    s_lnw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    s_lnb = tl.zeros([BLOCK_D], dtype=tl.float32)
+    s_pos = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for bi in range(0, BCHUNK):
+        b = pid_b * BCHUNK + bi
+        mask = (mn & (b < B))[:, None] & md[None, :]
+        b64 = b.to(tl.int64)
+        g_row = (b64 * T + R0 + n) * D
+        g = tl.load(grad_ptr + g_row[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        x_row = (b64 * NP + n) * D
+        if NORM:
+            x = tl.load(g0_ptr + x_row[:, None] + d[None, :], mask=mask, other=0.0)
+            if USE_PN:
+                xh1, rs1 = _ln_stats(x, md, mask, D, pn_eps)
+                x = xh1
+                if PN_W:
+                    x = x * tl.load(pn_w_ptr + d, mask=md, other=0.0)[None, :]
+                if PN_B:
+                    x = x + tl.load(pn_b_ptr + d, mask=md, other=0.0)[None, :]
+            if USE_LN:
+                if HAS_POS:
+                    x += tl.load(pos_ptr + n.to(tl.int64)[:, None] * D + d[None, :], mask=mask, other=0.0)
+                xh2, rs2 = _ln_stats(x, md, mask, D, ln_eps)
+                s_lnw += tl.sum(g * xh2, 0)
+                s_lnb += tl.sum(g, 0)
+                g = _ln_bwd(g, xh2, rs2, d, md, mask, D, ln_w_ptr, LN_W)
+        s_pos += g
+        if USE_PN:
+            s_pnw += tl.sum(g * xh1, 0)
+            s_pnb += tl.sum(g, 0)
+            g = _ln_bwd(g, xh1, rs1, d, md, mask, D, pn_w_ptr, PN_W)
+        s_bias += tl.sum(g, 0)
+        tl.store(g0_ptr + x_row[:, None] + d[None, :], g, mask=mask)
+    part = part_ptr + pid.to(tl.int64) * D + d
+    stride = tl.cast(NPROG, tl.int64) * D
+    tl.store(part, s_bias, mask=md)
+    if USE_PN:
+        if PN_W:
+            tl.store(part + stride, s_pnw, mask=md)
+        if PN_B:
+            tl.store(part + 2 * stride, s_pnb, mask=md)
+    if USE_LN:
+        if LN_W:
+            tl.store(part + 3 * stride, s_lnw, mask=md)
+        if LN_B:
+            tl.store(part + 4 * stride, s_lnb, mask=md)
+    if HAS_POS:
+        p_row = (pid_b.to(tl.int64) * NP + n) * D
+        tl.store(dpos_ptr + p_row[:, None] + d[None, :], s_pos, mask=mn[:, None] & md[None, :])
+
+
+@triton.jit
+def _patch_dweight_kernel(img_ptr, g0_ptr, dw_ptr, M, D, C, H, W, NP, Gw, s_b, s_c, s_h, s_w, M_SPLIT,
+                          P: tl.constexpr, PAD: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          F32_DOT: tl.constexpr):
+    """dw[s, d, k] = sum over rows m in [s M_SPLIT, (s + 1) M_SPLIT) of g0[m, d] patch[m, k] (an implicit GEMM
+    reducing over the token rows: the patch tile gathered from the images as in the forward; g0 rounded to
+    the images' dtype for the dot). One program per [BLOCK_N, BLOCK_K] tile of split s (axis 1)."""
+    K = C * P * P
+    pid = tl.program_id(0)
+    s = tl.program_id(1)
+    num_k = tl.cdiv(K, BLOCK_K)
+    pid_n = pid // num_k
+    pid_k = pid % num_k
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn = rn < D
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mk = rk < K
+    pw = rk % P
+    ph = (rk // P) % P
+    c = rk // (P * P)
+    a_col = c * s_c + ph * s_h + pw * s_w  # [BLOCK_K]
+    m_lo = s * M_SPLIT
+    m_hi = tl.minimum(m_lo + M_SPLIT, M)
+    dt: tl.constexpr = img_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        mm = rm < m_hi
+        b = rm // NP
+        n = rm - b * NP
+        gh = n // Gw
+        gw = n - gh * Gw
+        y0 = gh * P
+        x0 = gw * P
+        a_row = b.to(tl.int64) * s_b + y0 * s_h + x0 * s_w
+        a_mask = mm[:, None] & mk[None, :]
+        if PAD:
+            a_mask = a_mask & ((y0[:, None] + ph[None, :]) < H) & ((x0[:, None] + pw[None, :]) < W)
+        a = tl.load(img_ptr + a_row[:, None] + a_col[None, :], mask=a_mask, other=0.0)
+        g = tl.load(g0_ptr + rm.to(tl.int64)[None, :] * D + rn[:, None], mask=mn[:, None] & mm[None, :], other=0.0)
+        acc = _dot(_round_to(g, dt, F32_DOT), a, acc, F32_DOT)
+    o_row = (s.to(tl.int64) * D + rn) * K
+    tl.store(dw_ptr + o_row[:, None] + rk[None, :], acc, mask=mn[:, None] & mk[None, :])
+
+
+@triton.jit
+def _patch_dimages_kernel(g0_ptr, w_ptr, dimg_ptr, M, D, C, H, W, NP, Gw,
+                          P: tl.constexpr, PAD: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          F32_DOT: tl.constexpr):
+    """dp[m, k] = sum_d g0[m, d] weight[d, k] (g0 rounded to the weight's dtype for the dot), each (m, k)
+    stored straight at its pixel of the contiguous fp32 d_images [B, C, H, W] (implicit col2im: patches do
+    not overlap, so every pixel is written exactly once; the zero-padding pixels are dropped). One program
+    per [BLOCK_M, BLOCK_K] tile, reduction over D in BLOCK_N steps."""
+    K = C * P * P
+    pid = tl.program_id(0)
+    num_k = tl.cdiv(K, BLOCK_K)
+    pid_m = pid // num_k
+    pid_k = pid % num_k
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mm = rm < M
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mk = rk < K
+    dt: tl.constexpr = w_ptr.dtype.element_ty
+    g_row = rm.to(tl.int64) * D
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_N):
+        rd = d0 + tl.arange(0, BLOCK_N)
+        md = rd < D
+        g = tl.load(g0_ptr + g_row[:, None] + rd[None, :], mask=mm[:, None] & md[None, :], other=0.0)
+        w = tl.load(w_ptr + rd.to(tl.int64)[:, None] * K + rk[None, :], mask=md[:, None] & mk[None, :], other=0.0)
+        acc = _dot(_round_to(g, dt, F32_DOT), w, acc, F32_DOT)
+    b = rm // NP
+    n = rm - b * NP
+    gh = n // Gw
+    gw = n - gh * Gw
+    y0 = gh * P
+    x0 = gw * P
+    pw = rk % P
+    ph = (rk // P) % P
+    c = rk // (P * P)
+    o_row = b.to(tl.int64) * C * H * W + y0 * W + x0
+    o_col = c * (H * W) + ph * W + pw
+    mask = mm[:, None] & mk[None, :]
+    if PAD:
+        mask = mask & ((y0[:, None] + ph[None, :]) < H) & ((x0[:, None] + pw[None, :]) < W)
+    tl.store(dimg_ptr + o_row[:, None] + o_col[None, :], acc, mask=mask)
+
+
 # Under TRITON_INTERPRET=1 @triton.jit yields an interpreted function.
 _INTERPRETED = type(_patch_gemm_kernel).__name__ == "InterpretedFunction"
 
@@ -199,6 +410,18 @@ def block_config(kind: str, element_size: int = 2, D: int | None = None) -> dict
         if D is not None and D % 16:
             return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if element_size <= 2 else 32, num_warps=8, num_stages=3)
+    if kind in ("dweight", "dimages"):
+        # backward GEMMs; the reduction tile (dweight: BLOCK_M token rows, dimages: BLOCK_N of D) 64 (16-bit) /
+        # 32 (fp32), outputs 128 x 128 (64 x 64 when D % 16 != 0): 96 KiB of shared memory in 3 stages
+        red = 64 if element_size <= 2 else 32
+        out = 64 if D is not None and D % 16 else 128
+        if kind == "dweight":
+            return dict(BLOCK_M=red, BLOCK_N=out, BLOCK_K=out, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=out, BLOCK_N=red, BLOCK_K=out, num_warps=8, num_stages=3)
+    if kind == "norm_bwd":
+        cfg = block_config("norm", 4, D)
+        cfg["num_warps"] = 8
+        return cfg
     if kind == "norm":
         if D is None:
             raise ValueError("block_config('norm') needs D")
@@ -328,6 +551,112 @@ def patch_embed_fwd(images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_p
     return out
 
 
+def _validate_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias, ln_eps,
+                  use_ln, patch_size, prefix_tokens, need_images):
+    import torch
+
+    dims = _validate(images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias, ln_eps,
+                     use_ln, patch_size, prefix_tokens, None)
+    B, C, H, W, D, K, P, R0, Gh, Gw = dims
+    shape = (B, R0 + Gh * Gw, D)
+    _check(isinstance(grad, torch.Tensor), f"grad must be a torch.Tensor, got {type(grad).__name__}")
+    _check(tuple(grad.shape) == shape, f"grad must have shape {shape} ([B, R0 + Gh * Gw, D]), got {tuple(grad.shape)}")
+    _check(grad.dtype in (images.dtype, torch.float32),
+           f"grad must have the dtype of images ({images.dtype}) or float32, got {grad.dtype}")
+    _check(grad.device == images.device, f"grad must be on {images.device} (images), got {grad.device}")
+    _check(grad.is_contiguous(), "grad must be contiguous")
+    _check(isinstance(need_images, bool), f"need_images must be a bool, got {type(need_images).__name__}")
+    return dims
+
+
+def patch_embed_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias, ln_eps,
+                    use_ln, patch_size, prefix_tokens, need_images, *, blocks=None):
+    """(d_images, d_weight, d_bias, d_pos, d_pn_weight, d_pn_bias, d_ln_weight, d_ln_bias), float32 and
+    contiguous, None for an absent input (see the backward contract in vlops/ops/patch_embed.py and
+    "Backward" in the module docstring). ``blocks``: tile overrides as for :func:`patch_embed_fwd` (BLOCK_M,
+    BLOCK_N, BLOCK_K, num_warps, num_stages of the GEMMs, ROWS of the row kernel) plus ``BCHUNK`` (images per
+    row-kernel program) and ``SPLIT_M`` (token rows per d_weight split, a multiple of BLOCK_M)."""
+    import torch
+
+    B, C, H, W, D, K, P, R0, Gh, Gw = _validate_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps,
+                                                    use_pn, ln_weight, ln_bias, ln_eps, use_ln, patch_size,
+                                                    prefix_tokens, need_images)
+    blocks = dict(blocks or {})
+    bchunk = blocks.pop("BCHUNK", None)
+    split_m = blocks.pop("SPLIT_M", None)
+    es = images.element_size()
+    cfg = _cfg("gemm", es, D, blocks)
+    wcfg = _cfg("dweight", es, D, blocks)
+    icfg = _cfg("dimages", es, D, blocks)
+    ncfg = _cfg("norm_bwd", 4, D, {k: v for k, v in blocks.items() if k == "ROWS"})
+    NP = Gh * Gw
+    T = R0 + NP
+    M = B * NP
+    dev = images.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    norm = use_pn or use_ln
+    if M == 0:  # empty batch: every sum is zero
+        z = lambda t: None if t is None else torch.zeros_like(t, dtype=torch.float32)  # noqa: E731
+        return (torch.zeros(B, C, H, W, **f32) if need_images else None, torch.zeros(D, K, **f32), z(bias), z(pos),
+                z(pn_weight) if use_pn else None, z(pn_bias) if use_pn else None,
+                z(ln_weight) if use_ln else None, z(ln_bias) if use_ln else None)
+    g0 = torch.empty(M, D, **f32)  # x0 (when a LayerNorm is on), then the gradient of x0, in place
+    opt = lambda t: g0 if t is None else t  # noqa: E731 - stands in for an absent pointer (never read)
+    s_b, s_c, s_h, s_w = images.stride()
+    PAD = H % P != 0 or W % P != 0
+    # row kernel grid: (patch-row blocks, image chunks); about 1024 programs, images in order within each
+    n_prog_n = triton.cdiv(NP, ncfg["ROWS"])
+    if bchunk is None:
+        bchunk = triton.cdiv(B, max(1, min(B, triton.cdiv(1024, n_prog_n))))
+    _check(_is_int(bchunk) and bchunk >= 1, f"blocks['BCHUNK'] must be an int >= 1, got {bchunk!r}")
+    n_prog_b = triton.cdiv(B, bchunk)
+    nprog = n_prog_n * n_prog_b
+    part = torch.empty(5, nprog, D, **f32)
+    dpos_part = torch.empty(n_prog_b, NP, D, **f32) if pos is not None else None
+    # d_weight splits over the token rows: about 264 programs (2 per H100 / H200 SM)
+    bm = wcfg["BLOCK_M"]
+    m_blocks = triton.cdiv(M, bm)
+    if split_m is None:
+        tiles = triton.cdiv(D, wcfg["BLOCK_N"]) * triton.cdiv(K, wcfg["BLOCK_K"])
+        split_m = triton.cdiv(m_blocks, max(1, min(m_blocks, triton.cdiv(264, tiles)))) * bm
+    _check(_is_int(split_m) and split_m >= bm and split_m % bm == 0,
+           f"blocks['SPLIT_M'] must be a multiple of BLOCK_M = {bm}, got {split_m!r}")
+    n_split = triton.cdiv(M, split_m)
+    dw_part = torch.empty(n_split, D, K, **f32)
+    d_images = torch.empty(B, C, H, W, **f32) if need_images else None
+    kw = lambda c: dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],  # noqa: E731
+                        F32_DOT=_INTERPRETED, num_warps=c["num_warps"], num_stages=c["num_stages"])
+
+    with torch.cuda.device(dev) if images.is_cuda else contextlib.nullcontext():
+        if norm:  # x0 = W p + bias, fp32
+            _patch_gemm_kernel[(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]),)](
+                images, weight, opt(bias), g0, g0,
+                M, D, C, H, W, NP, Gw, s_b, s_c, s_h, s_w, NP, 0,
+                P=P, PAD=PAD, HAS_BIAS=bias is not None, ADD_POS=False, **kw(cfg))
+        _patch_norm_bwd_kernel[(n_prog_n, n_prog_b)](
+            grad, g0, opt(pos), opt(pn_weight), opt(pn_bias), opt(ln_weight), opt(ln_bias), part,
+            g0 if dpos_part is None else dpos_part,
+            B, D, NP, T, R0, bchunk, nprog, float(pn_eps), float(ln_eps),
+            USE_PN=use_pn, PN_W=pn_weight is not None, PN_B=pn_bias is not None, HAS_POS=pos is not None,
+            USE_LN=use_ln, LN_W=ln_weight is not None, LN_B=ln_bias is not None,
+            ROWS=ncfg["ROWS"], BLOCK_D=ncfg["BLOCK_D"], num_warps=ncfg["num_warps"], num_stages=ncfg["num_stages"])
+        _patch_dweight_kernel[(triton.cdiv(D, wcfg["BLOCK_N"]) * triton.cdiv(K, wcfg["BLOCK_K"]), n_split)](
+            images, g0, dw_part, M, D, C, H, W, NP, Gw, s_b, s_c, s_h, s_w, split_m, P=P, PAD=PAD, **kw(wcfg))
+        if need_images:
+            _patch_dimages_kernel[(triton.cdiv(M, icfg["BLOCK_M"]) * triton.cdiv(K, icfg["BLOCK_K"]),)](
+                g0, weight, d_images, M, D, C, H, W, NP, Gw, P=P, PAD=PAD, **kw(icfg))
+    # the partial sums, added in a fixed order (torch's reductions are deterministic)
+    d_weight = dw_part[0] if n_split == 1 else dw_part.sum(0)
+    sums = lambda j: part[j].sum(0)  # noqa: E731
+    return (d_images, d_weight,
+            sums(0) if bias is not None else None,
+            None if pos is None else (dpos_part[0] if n_prog_b == 1 else dpos_part.sum(0)),
+            sums(1) if use_pn and pn_weight is not None else None,
+            sums(2) if use_pn and pn_bias is not None else None,
+            sums(3) if use_ln and ln_weight is not None else None,
+            sums(4) if use_ln and ln_bias is not None else None)
+
+
 # ---------------------------------------------------------------------------------------------
 # AOT specialisations (compiled for sm_90a by tests/test_aot_sm90.py, no GPU needed)
 
@@ -380,6 +709,59 @@ def _aot_norm(out: str, D: int, use_pn: bool = False, use_ln: bool = True, affin
             "vectorized": True}
 
 
+def _aot_dweight(dtype: str, P: int = 16, layout: str = "nchw", pad: bool = False, D: int = 768):
+    """The backward's d_weight GEMM (g0^T patches, reduction over token rows), as :func:`_aot_gemm`."""
+    fn = _patch_dweight_kernel
+    cfg = block_config("dweight", _ELEM_SIZE[dtype], D)
+    unit = {"nchw": {"s_w": 1}, "nhwc": {"s_c": 1}, "any": {}}[layout]
+    constexprs = dict(P=P, PAD=pad, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                      F32_DOT=False, **unit)
+    ptrs = {"img_ptr": dtype, "g0_ptr": "fp32", "dw_ptr": "fp32"}
+    signature = {a: ("constexpr" if a in constexprs else f"*{ptrs[a]}" if a in ptrs else "i32") for a in fn.arg_names}
+    divisible = [p for p in ptrs if layout != "any" or p != "img_ptr"] + (["D"] if D % 16 == 0 else [])
+    divisible += [s for s in ("s_b", "s_c", "s_h") if s not in unit and layout != "any"] + ["M_SPLIT"]
+    return {"name": f"patch_embed_dweight_{dtype}_p{P}_d{D}_{layout}" + ("_pad" if pad else ""),
+            "kernel": fn, "signature": signature, "constexprs": constexprs, "num_warps": cfg["num_warps"],
+            "num_stages": cfg["num_stages"], "divisibility_16": divisible, "matmul": True}
+
+
+def _aot_dimages(dtype: str, P: int = 16, pad: bool = False, D: int = 768):
+    """The backward's d_images GEMM (g0 W scattered to the pixels of a contiguous fp32 d_images)."""
+    fn = _patch_dimages_kernel
+    cfg = block_config("dimages", _ELEM_SIZE[dtype], D)
+    constexprs = dict(P=P, PAD=pad, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                      F32_DOT=False)
+    ptrs = {"g0_ptr": "fp32", "w_ptr": dtype, "dimg_ptr": "fp32"}
+    signature = {a: ("constexpr" if a in constexprs else f"*{ptrs[a]}" if a in ptrs else "i32") for a in fn.arg_names}
+    divisible = list(ptrs) + (["D"] if D % 16 == 0 else []) + ([] if pad else ["H", "W"])
+    return {"name": f"patch_embed_dimages_{dtype}_p{P}_d{D}" + ("_pad" if pad else ""),
+            "kernel": fn, "signature": signature, "constexprs": constexprs, "num_warps": cfg["num_warps"],
+            "num_stages": cfg["num_stages"], "divisibility_16": divisible, "matmul": True}
+
+
+def _aot_norm_bwd(grad: str, D: int, use_pn: bool = False, use_ln: bool = True, affine: bool = True,
+                  pos: bool = True):
+    """The backward's row kernel (LayerNorm backward(s) and the partial sums), ``grad`` in ``grad``'s dtype."""
+    fn = _patch_norm_bwd_kernel
+    cfg = block_config("norm_bwd", 4, D)
+    constexprs = dict(USE_PN=use_pn, PN_W=use_pn and affine, PN_B=use_pn and affine, HAS_POS=pos, USE_LN=use_ln,
+                      LN_W=use_ln and affine, LN_B=use_ln and affine, ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"])
+    signature = {}
+    for a in fn.arg_names:
+        if a in constexprs:
+            signature[a] = "constexpr"
+        elif a == "grad_ptr":
+            signature[a] = f"*{grad}"
+        elif a.endswith("_ptr"):
+            signature[a] = "*fp32"
+        else:
+            signature[a] = "fp32" if a.endswith("eps") else "i32"
+    flags = ("_pn" if use_pn else "") + ("_ln" if use_ln else "") + ("_pos" if pos else "")
+    return {"name": f"patch_embed_norm_bwd_{grad}_d{D}{flags}", "kernel": fn, "signature": signature,
+            "constexprs": constexprs, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+            "divisibility_16": [a for a in fn.arg_names if a.endswith("_ptr")] + ["D"], "matmul": False}
+
+
 AOT_SPECS = [
     # one pass (no LayerNorm): timm ViT-B/16, SigLIP; fp32 / bf16 / fp16 images, NCHW
     *[_aot_gemm(dt) for dt in ("fp32", "bf16", "fp16")],
@@ -397,4 +779,16 @@ AOT_SPECS = [
     _aot_norm("bf16", 1024),
     _aot_norm("fp32", 1024),
     _aot_norm("fp16", 768, use_pn=True, use_ln=True),
+    # backward: the row kernel (LayerNorm backwards, partial sums), d_weight and d_images GEMMs
+    _aot_norm_bwd("bf16", 768),
+    _aot_norm_bwd("fp32", 1024, pos=False),
+    _aot_norm_bwd("fp16", 768, use_pn=True, use_ln=True),
+    _aot_norm_bwd("bf16", 768, use_ln=False),
+    *[_aot_dweight(dt) for dt in ("fp32", "bf16", "fp16")],
+    _aot_dweight("bf16", P=14, D=1024),
+    _aot_dweight("bf16", layout="nhwc"),
+    *[_aot_dweight(dt, P=14, layout="any", pad=True, D=1000) for dt in ("fp32", "bf16")],
+    *[_aot_dimages(dt) for dt in ("fp32", "bf16", "fp16")],
+    _aot_dimages("bf16", P=14, D=1024),
+    *[_aot_dimages(dt, P=14, pad=True, D=1000) for dt in ("fp32", "bf16")],
 ]

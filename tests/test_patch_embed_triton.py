@@ -111,6 +111,64 @@ assert len({c["id"] for c in CASES}) == len(CASES), "case ids must be unique"
 INTERP_CASES = [c for c in CASES if not c["gpu_only"]]
 
 
+def _bwd_cases() -> list[dict]:
+    """Backward cases (``patch_embed_bwd``): every output against float64 autograd of the contract's math."""
+    cases = []
+
+    def add(**kw):
+        c = dict(dtype="float32", grad_dtype=None, B=2, C=3, H=8, W=12, P=4, D=40, R0=1, bias=True, pos=True,
+                 pn=None, ln=None, need_images=True, layout="contig", blocks=None, twice=False, gpu_only=False)
+        c.update(kw)
+        norm = lambda tag, v: "" if v is None else f"-{tag}[{v}]"  # noqa: E731
+        c["id"] = ("bwd-" + c["dtype"].replace("float", "f")
+                   + (f"-g{c['grad_dtype'].replace('float', 'f')}" if c["grad_dtype"] else "")
+                   + f"-B{c['B']}C{c['C']}H{c['H']}W{c['W']}P{c['P']}D{c['D']}R{c['R0']}"
+                   + ("-bias" if c["bias"] else "") + ("-pos" if c["pos"] else "")
+                   + norm("pn", c["pn"]) + norm("ln", c["ln"]) + ("-dimg" if c["need_images"] else "")
+                   + (f"-{c['layout']}" if c["layout"] != "contig" else "")
+                   + ("-blk" + "_".join(f"{v}" for v in c["blocks"].values()) if c["blocks"] else ""))
+        cases.append(c)
+
+    # BLOCK_* 16: several tiles of every GEMM; ROWS 4 / 16; BCHUNK 2: two images per row-kernel program;
+    # SPLIT_M 16 / 32: several d_weight splits
+    small = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "ROWS": 4, "BCHUNK": 2, "SPLIT_M": 16}
+    small16 = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "ROWS": 16, "SPLIT_M": 32}
+    geoms = [(3, 3, 8, 12, 4), (2, 3, 10, 13, 4), (2, 2, 8, 12, 2), (1, 3, 7, 9, 2), (3, 1, 3, 5, 4)]
+    ds, r0s = (16, 40, 100), (0, 1, 5)
+    i = 0
+    for bias in (False, True):
+        for pos in (False, True):
+            for pn in (False, True):
+                for ln in (False, True):
+                    B, C, H, W, P = geoms[i % len(geoms)]
+                    add(B=B, C=C, H=H, W=W, P=P, D=ds[i % 3], R0=r0s[i % 3], bias=bias, pos=pos,
+                        pn=AFFINES[i % 4] if pn else None, ln=AFFINES[(i + 1) % 4] if ln else None,
+                        need_images=i % 2 == 0, blocks=(small, small16, None)[i % 3] if i % 5 != 4 else None)
+                    i += 1
+    for dt in ("bfloat16", "float16"):
+        add(dtype=dt, D=40, R0=1, blocks=small)
+        add(dtype=dt, B=2, C=3, H=10, W=13, P=4, D=100, R0=5, pn="wb", ln="wb", blocks=small16)
+        add(dtype=dt, B=3, C=2, H=7, W=9, P=2, D=16, R0=0, bias=False, ln="b", need_images=False, blocks=small)
+    add(dtype="bfloat16", grad_dtype="float32", B=2, C=3, H=10, W=13, P=4, D=40, R0=1, pn="w", ln="wb", blocks=small)
+    for dt, layout in (("float32", "channels_last"), ("bfloat16", "channels_last"), ("float32", "slice"),
+                       ("bfloat16", "slice")):
+        add(dtype=dt, B=2, C=3, H=10, W=13, P=4, D=40, R0=1, ln="wb", layout=layout, blocks=small)
+    add(B=3, C=3, H=10, W=13, P=4, D=40, R0=5, pn="wb", ln="wb", blocks=small, twice=True)  # deterministic
+    add(B=1, C=3, H=4, W=4, P=4, D=100, R0=1, ln="wb")  # one patch
+    # GPU only: full-size stems at the default tiles
+    g = dict(gpu_only=True, B=2, C=3, H=224, W=224)
+    add(dtype="bfloat16", P=16, D=768, R0=1, **g)
+    add(dtype="float32", P=14, D=1024, R0=1, bias=False, ln="wb", **g)
+    add(dtype="float16", P=16, D=768, R0=1, pn="wb", ln="wb", layout="channels_last", **g)
+    add(dtype="bfloat16", B=3, H=230, W=221, P=14, D=1024, R0=1, ln="wb", layout="slice", gpu_only=True)
+    return cases
+
+
+BWD_CASES = _bwd_cases()
+assert len({c["id"] for c in BWD_CASES}) == len(BWD_CASES), "backward case ids must be unique"
+INTERP_BWD_CASES = [c for c in BWD_CASES if not c["gpu_only"]]
+
+
 # --------------------------------------------------------------------------------------------
 # worker (runs in the subprocess)
 
@@ -227,6 +285,121 @@ def _run_case(torch, k, c, gen, device):
     return res
 
 
+BWD_NAMES = ("d_images", "d_weight", "d_bias", "d_pos", "d_pn_weight", "d_pn_bias", "d_ln_weight", "d_ln_bias")
+
+
+def _run_bwd_case(torch, k, c, gen, device):
+    dt = getattr(torch, c["dtype"])
+    gdt = getattr(torch, c["grad_dtype"] or c["dtype"])
+    B, C, H, W, P, D, R0 = c["B"], c["C"], c["H"], c["W"], c["P"], c["D"], c["R0"]
+    Gh, Gw = -(-H // P), -(-W // P)
+    K = C * P * P
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).to(device)  # noqa: E731
+    img, img_c = _images(torch, c, gen, device)
+    weight = (torch.randn(D, K, generator=gen) / K ** 0.5).to(dt).to(device)
+    bias = rnd(D, scale=0.5) if c["bias"] else None
+    pos = rnd(Gh * Gw, D, scale=0.5) if c["pos"] else None
+
+    def norm(spec):
+        if spec is None:
+            return None
+        eps = float(10 ** torch.empty(1).uniform_(-6, -4, generator=gen))
+        return ((1.0 + rnd(D, scale=0.3)) if "w" in spec else None, rnd(D, scale=0.3) if "b" in spec else None, eps)
+
+    pn, ln = norm(c["pn"]), norm(c["ln"])
+    T = R0 + Gh * Gw
+    grad = torch.randn(B, T, D, generator=gen).to(gdt).to(device)
+    grad[:, :R0] = float("nan")  # the prefix rows' gradient is the caller's: never read
+    need = c["need_images"]
+    args = (weight, bias, pos, *(pn or (None, None, 1e-5)), pn is not None, *(ln or (None, None, 1e-5)),
+            ln is not None, P, R0, need)
+    inputs = [t for t in (grad, img, weight, bias, pos, *(pn or ())[:2], *(ln or ())[:2])
+              if isinstance(t, torch.Tensor)]
+    before = [t.clone() for t in inputs]
+    t0 = time.perf_counter()
+    outs = k.patch_embed_bwd(grad, img, *args, blocks=c["blocks"])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    same = lambda a, b: bool(((a == b) | (a.isnan() & b.isnan())).all())  # noqa: E731 - NaN prefix rows of grad
+    res = {"id": c["id"], "dtype": c["dtype"], "time_s": time.perf_counter() - t0,
+           "inputs_unchanged": all(same(a, b) for a, b in zip(before, inputs))}
+    # float64 autograd of the contract's math, from the same (dtype-rounded) inputs
+    leaf = lambda t: None if t is None else t.detach().double().cpu().requires_grad_()  # noqa: E731
+    img64, w64, b64, pos64 = leaf(img), leaf(weight), leaf(bias), leaf(pos)
+    pn64 = None if pn is None else (leaf(pn[0]), leaf(pn[1]), pn[2])
+    ln64 = None if ln is None else (leaf(ln[0]), leaf(ln[1]), ln[2])
+    rows = _reference(torch, img64, w64, b64, pos64, pn64, ln64, P)
+    rows.backward(grad[:, R0:].double().cpu())
+    refs = (img64 if need else None, w64, b64, pos64, *(pn64[:2] if pn64 else (None, None)),
+            *(ln64[:2] if ln64 else (None, None)))
+    shapes = ((B, C, H, W), (D, K), (D,), (Gh * Gw, D), (D,), (D,), (D,), (D,))
+    res["outputs"] = {}
+    for name, o, r, shape in zip(BWD_NAMES, outs, refs, shapes):
+        if r is None:
+            res["outputs"][name] = {"none_ok": o is None}
+            continue
+        if o is None:
+            res["outputs"][name] = {"none_ok": False}
+            continue
+        res["outputs"][name] = {
+            "none_ok": True,
+            "shape_ok": tuple(o.shape) == shape and o.dtype == torch.float32 and o.is_contiguous()
+            and o.device == img.device,
+            "nonfinite": int((~torch.isfinite(o)).sum()),
+            "err": _rel(torch, o, r.grad),
+        }
+    if c["layout"] != "contig" or c["twice"]:
+        again = k.patch_embed_bwd(grad, img_c if c["layout"] != "contig" else img, *args, blocks=c["blocks"])
+        res["same_as_contiguous"] = all((a is None and b is None) or torch.equal(a, b) for a, b in zip(outs, again))
+    return res
+
+
+def _bad_bwd_checks(torch, k, device):
+    B, C, H, W, P, D = 2, 3, 8, 12, 4, 16
+    K, N = C * P * P, (H // P) * (W // P)
+    img = torch.randn(B, C, H, W, device=device)
+    w = torch.randn(D, K, device=device)
+    vec = torch.randn(D, device=device)
+    grad = torch.randn(B, N + 1, D, device=device)
+
+    def call(**kw):
+        a = dict(grad=grad, images=img, weight=w, bias=vec, pos=None, pn_weight=None, pn_bias=None, pn_eps=1e-5,
+                 use_pn=False, ln_weight=vec, ln_bias=vec, ln_eps=1e-6, use_ln=True, patch_size=P, prefix_tokens=1,
+                 need_images=True)
+        a.update(kw)
+        return lambda: k.patch_embed_bwd(*a.values())
+
+    bad = [
+        ("grad-shape", "grad", call(grad=torch.randn(B, N, D, device=device))),
+        ("grad-dtype", "grad", call(grad=grad.half())),
+        ("grad-contiguous", "grad", call(grad=torch.randn(B, D, N + 1, device=device).transpose(1, 2))),
+        ("grad-type", "grad", call(grad=None)),
+        ("need_images", "need_images", call(need_images=1)),
+        ("weight-shape", "weight", call(weight=torch.randn(D, K + 1, device=device))),
+        ("ln_bias-dtype", "ln_bias", call(ln_bias=vec.double())),
+        ("prefix_tokens", "prefix_tokens", call(prefix_tokens=-1)),
+    ]
+    out = []
+    try:  # an empty batch: zero gradients, nothing launched
+        o = k.patch_embed_bwd(grad[:0], img[:0], w, vec, None, None, None, 1e-5, False, vec, None, 1e-6, True, P, 1,
+                              True)
+        ok = (tuple(o[0].shape) == (0, C, H, W) and tuple(o[1].shape) == (D, K) and not o[1].any()
+              and not o[2].any() and o[3] is None and o[4] is None and o[5] is None and not o[6].any()
+              and o[7] is None)
+        out.append({"id": "bwd-empty-batch", "ok": ok, "msg": f"got {[None if t is None else tuple(t.shape) for t in o]}"})
+    except Exception as e:  # noqa: BLE001
+        out.append({"id": "bwd-empty-batch", "ok": False, "msg": repr(e)})
+    for id_, name, fn in bad:
+        try:
+            fn()
+            out.append({"id": f"bwd-bad-{id_}", "ok": False, "msg": "no error"})
+        except ValueError as e:
+            out.append({"id": f"bwd-bad-{id_}", "ok": name in str(e), "msg": str(e)})
+        except Exception as e:  # noqa: BLE001
+            out.append({"id": f"bwd-bad-{id_}", "ok": False, "msg": repr(e)})
+    return out
+
+
 def _bad_input_checks(torch, k, device):
     B, C, H, W, P, D = 2, 3, 8, 12, 4, 16
     K, N = C * P * P, (H // P) * (W // P)
@@ -304,7 +477,17 @@ def _worker(device: str, out_json: str, seed: int) -> int:
             import traceback
 
             results["cases"][c["id"]] = {"id": c["id"], "error": traceback.format_exc(limit=4) + repr(e)}
-    results["bad_input"] = _bad_input_checks(torch, k, device)
+    results["bwd_cases"] = {}
+    for c in BWD_CASES:
+        if c["gpu_only"] and device != "cuda":
+            continue
+        try:
+            results["bwd_cases"][c["id"]] = _run_bwd_case(torch, k, c, gen, device)
+        except Exception as e:  # noqa: BLE001 - reported per case
+            import traceback
+
+            results["bwd_cases"][c["id"]] = {"id": c["id"], "error": traceback.format_exc(limit=4) + repr(e)}
+    results["bad_input"] = _bad_input_checks(torch, k, device) + _bad_bwd_checks(torch, k, device)
     results["total_s"] = time.perf_counter() - t0
     with open(out_json, "w") as f:
         json.dump(results, f, indent=1)
@@ -336,9 +519,36 @@ def _check_case(res, case):
         assert r["same_as_contiguous"], f"{case['layout']} images differ from their contiguous copy"
 
 
+def _check_bwd_case(res, case):
+    r = res["bwd_cases"][case["id"]]
+    assert "error" not in r, r["error"]
+    assert r["inputs_unchanged"], "the launcher modified an input (grad included)"
+    tol = TOL[case["dtype"]]
+    for name, o in r["outputs"].items():
+        assert o["none_ok"], f"{name}: None where the contract wants a tensor, or a tensor where it wants None"
+        if "err" not in o:
+            continue
+        assert o["shape_ok"], f"{name}: wrong shape, dtype (float32), device or layout"
+        assert o["nonfinite"] == 0, f"{name}: {o['nonfinite']} NaN / inf, seed {res['seed']}"
+        assert o["err"] <= tol, f"{name}: relative error {o['err']:.3e} > {tol:g}, seed {res['seed']}"
+    if "same_as_contiguous" in r:
+        assert r["same_as_contiguous"], ("a second run (the contiguous copy of strided images) gave different "
+                                         "bits")
+
+
 @pytest.mark.parametrize("case", INTERP_CASES, ids=[c["id"] for c in INTERP_CASES])
 def test_interpreter(interp_results, case):
     _check_case(interp_results, case)
+
+
+@pytest.mark.parametrize("case", INTERP_BWD_CASES, ids=[c["id"] for c in INTERP_BWD_CASES])
+def test_interpreter_bwd(interp_results, case):
+    _check_bwd_case(interp_results, case)
+
+
+@pytest.mark.parametrize("case", BWD_CASES, ids=[c["id"] for c in BWD_CASES])
+def test_gpu_bwd(gpu_results, case):
+    _check_bwd_case(gpu_results, case)
 
 
 def test_interpreter_bad_input(interp_results):

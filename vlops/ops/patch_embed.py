@@ -61,7 +61,8 @@ Kernel contract (backward; ``vlops._C.patch_embed_bwd_cpu``, ``vlops.kernels.pat
       bias:    d_bias += g;  d_weight += g^T p;  d_images (scattered back to the patches' pixels) = g W
 
   Sums over rows in a fixed order (the same result on every run at a given thread count).
-- Memory: no [B * Gh * Gw, K] buffer and no [B * Gh * Gw, D] buffer beyond what a tile needs.
+- Memory: no [B * Gh * Gw, K] patch buffer. The Triton backward holds one fp32 [B * Gh * Gw, D]
+  scratch (the recomputed pre-norm rows, then their gradient); the CPU backward works tile by tile.
 """
 from __future__ import annotations
 
