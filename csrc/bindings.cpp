@@ -40,6 +40,14 @@ at::Tensor patch_embed_fwd_cpu(const at::Tensor& images, const at::Tensor& weigh
                                double pn_eps, bool use_pn,
                                const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
                                double ln_eps, bool use_ln, int64_t patch_size, int64_t prefix_tokens);
+std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
+           c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>>
+patch_embed_bwd_cpu(const at::Tensor& grad, const at::Tensor& images, const at::Tensor& weight,
+                    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& pos,
+                    const c10::optional<at::Tensor>& pn_weight, const c10::optional<at::Tensor>& pn_bias,
+                    double pn_eps, bool use_pn, const c10::optional<at::Tensor>& ln_weight,
+                    const c10::optional<at::Tensor>& ln_bias, double ln_eps, bool use_ln, int64_t patch_size,
+                    int64_t prefix_tokens, bool need_images);
 }  // namespace cpu
 
 #ifdef VLOPS_WITH_CUDA
@@ -115,6 +123,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "ln_eps, use_ln, patch_size, prefix_tokens) -> out [B, R0 + Gh * Gw, D]: patches gathered tile by tile, "
         "projected, + bias, LayerNorm (use_pn), + pos, LayerNorm (use_ln), written to rows R0.. (rows 0 .. R0 - 1 "
         "are left unwritten).",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("patch_embed_bwd_cpu", &vlops::cpu::patch_embed_bwd_cpu, py::arg("grad"), py::arg("images"),
+        py::arg("weight"), py::arg("bias"), py::arg("pos"), py::arg("pn_weight"), py::arg("pn_bias"),
+        py::arg("pn_eps"), py::arg("use_pn"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("ln_eps"),
+        py::arg("use_ln"), py::arg("patch_size"), py::arg("prefix_tokens"), py::arg("need_images"),
+        "patch_embed_bwd_cpu(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, "
+        "ln_bias, ln_eps, use_ln, patch_size, prefix_tokens, need_images) -> (d_images, d_weight, d_bias, d_pos, "
+        "d_pn_weight, d_pn_bias, d_ln_weight, d_ln_bias), compute dtype, None where the input is absent.",
         py::call_guard<py::gil_scoped_release>());
 
   // Introspection and test hooks of the CPU kernels.

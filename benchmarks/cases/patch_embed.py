@@ -4,11 +4,12 @@
 ``from_open_clip``). Random weights; images normal.
 
 Sizes (``--sizes``): ``headline`` ViT-B/16 224, batch 32, fp32 (CPU) / ViT-B/16 and ViT-L/14 224,
-batch 256, bf16 (CUDA); ``small`` ViT-B/16 224 batch 4 (also ``--quick``). Passes: forward everywhere;
-forward + backward (gradients of every stem parameter, not of the images) on CUDA.
+batch 256, bf16 (CUDA); ``small`` ViT-B/16 224 batch 4 (also ``--quick``). Passes: forward and
+forward + backward (gradients of every stem parameter, not of the images).
 
-Floor: the GEMM's 2 (B N) (C P P) D flops at the measured matmul rate of the dtype, or the bytes (images
-read once, tokens written once, weight read once), whichever takes longer.
+Floor: the GEMM's 2 (B N) (C P P) D flops (twice that with the backward: d_weight) at the measured matmul
+rate of the dtype, or the bytes (images read once, tokens written once, weight read once), whichever takes
+longer.
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def _case(kind, B, pass_, dtype, device):
     P, D = MODELS[kind][0], MODELS[kind][1]
     N = (224 // P) ** 2
     K = 3 * P * P
-    flops = 2.0 * B * N * K * D * (3 if grad else 1)
+    flops = 2.0 * B * N * K * D * (2 if grad else 1)  # the projection, and d_weight (no image gradient)
     nbytes = (B * 3 * 224 * 224 + B * (N + 1) * D + D * K) * dtype_bytes(dtype) * (2 if grad else 1)
 
     def relerr(a, b):
@@ -116,5 +117,5 @@ def cases(device, quick: bool, sizes=None, dtypes=None):
             continue
         for kind, B, dts in plan:
             for dt in dtypes or dts:
-                for pass_ in (("forward", "forward+backward") if cuda else ("forward",)):
+                for pass_ in ("forward", "forward+backward"):
                     yield _case(kind, B, pass_, dt, device)
