@@ -8,35 +8,23 @@ fp16 / bf16 and <= 1e-10 in fp64. The reference runs on the inputs as given (alr
 """
 from __future__ import annotations
 
-import os
-import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import cpu_isa
+from test_patch_embed_native import BM_ENV, DTYPES, NORM_OPTS, SEED_BASE, TOL, _cdt, _gen  # shared with the forward
 
 _C = pytest.importorskip("vlops._C", reason="the compiled extension vlops._C is not built")
 if not hasattr(_C, "patch_embed_bwd_cpu"):
     pytest.skip("vlops._C was built without the patch_embed backward kernel", allow_module_level=True)
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-10}
-SEED_BASE = int(os.environ.get("VLOPS_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))  # printed on failure
-BM_ENV = "VLOPS_PATCH_EMBED_BM"  # the kernel's tile rows (tuning / test override)
 
 ARG_NAMES = ["grad", "images", "weight", "bias", "pos", "pn_weight", "pn_bias", "pn_eps", "use_pn", "ln_weight",
              "ln_bias", "ln_eps", "use_ln", "patch_size", "prefix_tokens", "need_images"]
 OUT_NAMES = ["images", "weight", "bias", "pos", "pn_weight", "pn_bias", "ln_weight", "ln_bias"]
 
 
-def _gen(*salt) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr((SEED_BASE,) + salt).encode()))
-
-
-def _cdt(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def make_case(B, C, H, W, P, D, dtype, *salt, bias=True, pos=True, pn=(True, True), ln=(True, True), prefix=1,
@@ -158,9 +146,6 @@ def test_shapes(shape, dtype):
 def test_plain_projection(shape, dtype):
     check(make_case(*SHAPES[shape], dtype, "plain", bias=False, pos=False, pn=None, ln=None))
     check(make_case(*SHAPES[shape], dtype, "bias_pos", pn=None, ln=None))
-
-
-NORM_OPTS = [None, (True, True), (False, False), (True, False), (False, True)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
