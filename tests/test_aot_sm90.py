@@ -82,7 +82,8 @@ def _worker(out_json: str) -> int:
     ptxas_version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     lines = [
         "# AOT compile report for sm_90a (Hopper), no GPU: tests/test_aot_sm90.py",
-        f"# triton {triton.__version__}; ptxas {ptxas_version[-1] if ptxas_version else '?'} ({ptxas})",
+        f"# triton {triton.__version__}; ptxas {ptxas_version[-1] if ptxas_version else '?'} "
+        f"({'bundled with triton' if 'triton' in ptxas else 'CUDA toolkit'})",
         "# regs: registers per thread; spills: bytes of spill stores + loads; smem: shared memory bytes",
         "# (Triton allocation); stack: ptxas stack frame bytes; ld/st v4/v2/s: 16-byte / 8-byte / scalar",
         "# global load and store instructions in the PTX",
