@@ -26,7 +26,8 @@
 //      kernels (vlops._C.set_cpu_isa / VLOPS_CPU_ISA); fp64 is scalar code.
 // Backward (patch_embed_bwd_cpu): the same tiles, dealt round-robin to one slot per thread (slot s takes
 // tiles s, s + nslots, ...: deterministic at a fixed thread count). Per tile: gather (1.), recompute
-// x0 = p W^T (2.), copy the tile's grad rows (rows R0.. only) into a per-slot [BM, D] buffer in the compute
+// x0 = p W^T (2.; only when a LayerNorm is on: x0 feeds only their statistics), copy the tile's grad
+// rows (rows R0.. only) into a per-slot [BM, D] buffer in the compute
 // dtype, then per row (bwd_rows, vectorised and ISA-dispatched like the epilogue): recompute the LayerNorm
 // statistics and x-hats, LayerNorm 2 backward, d_pos[n] += g, LayerNorm 1 backward, d_bias += g, giving
 // g0 in place; then d_weight_slot += g0^T p (addmm_) and, if need_images, dp = g0 W (into the packed
@@ -335,7 +336,8 @@ CVINL void bwd_body(const BwdRows<typename Tr::S>& a) {
     n = (n + 1 == f.N) ? 0 : n + 1;
     const S* p = f.pos + ni * f.pos_ld;
     // recompute: x1 = xhat1 (use_pn) or (x0 + bias) + pos; x2 = xhat2 (use_ln), stored in the input of LN 2
-    S sum, rstd1 = 0;
+    // (with neither LayerNorm on, x0 is not needed and not computed: g passes through unchanged)
+    S sum = 0, rstd1 = 0;
     S* x2 = x;
     if (f.use_pn) {
       sum = add2_sum<Tr>(x, f.bias, f.zeros, D);
@@ -343,7 +345,7 @@ CVINL void bwd_body(const BwdRows<typename Tr::S>& a) {
       rstd1 = inv_std<S>(sq_dev<Tr>(x, mean, D), D, f.pn_eps);
       sum = norm_split_sum<Tr>(x, a.y, mean, rstd1, f.pn_w, f.pn_b, p, D);
       x2 = a.y;
-    } else {
+    } else if (f.use_ln) {
       sum = add2_sum<Tr>(x, f.bias, p, D);
     }
     if (f.use_ln) {
@@ -640,7 +642,7 @@ void patch_embed_bwd_impl(const at::Tensor& images, const at::Tensor& w, const E
         const int64_t r0 = tl.r0, rows = tl.rows;
         at::Tensor packed = pack_tile<S, E>(sc, img, g, tl, max_rows, images.scalar_type());
         at::Tensor x = sc.tile.narrow(0, 0, rows);
-        at::mm_out(x, packed, wt);
+        if (base.use_pn || base.use_ln) at::mm_out(x, packed, wt);  // x0 only feeds the LayerNorm statistics
         at::Tensor gr = gbuf.narrow(0, 0, rows);
         for (int64_t i = 0; i < rows;) {  // grad rows R0 + n .. of image b, in the compute dtype
           const int64_t r = r0 + i, b = r / N, n = r % N;
