@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_check.sh OUTDIR        (OUTDIR defaults to $OUT, else ./gpu_out)
 #
-# Stages (each under `timeout`, all within GPU_CHECK_BUDGET seconds, default 450; a failed stage does not
+# Stages (each under `timeout`, all within GPU_CHECK_BUDGET seconds, default 540; a failed stage does not
 # stop the next one; a summary of the stages ends the log):
 #   info       nvidia-smi, versions
 #   wheels     if .whl/*.whl exist (e.g. diffusers and the pure-Python packages it imports), install them
@@ -30,7 +30,7 @@ OUTDIR="$(cd "$OUTDIR" && pwd)"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1
 LOG="$OUTDIR/log.txt"
-BUDGET="${GPU_CHECK_BUDGET:-450}"
+BUDGET="${GPU_CHECK_BUDGET:-540}"
 START=$(date +%s)
 SUMMARY=()
 
@@ -106,7 +106,7 @@ main() {
         stage tune 150 python3 benchmarks/contrastive_tune.py ${GPU_TUNE_ARGS:-}
     fi
     # shellcheck disable=SC2086
-    stage gpu-tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --maxfail=20 ${GPU_TEST_ARGS:-}
+    stage gpu-tests 240 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --maxfail=20 ${GPU_TEST_ARGS:-}
     echo
     echo "=== summary ($(($(date +%s) - START))s of ${BUDGET}s)"
     printf '%s\n' "${SUMMARY[@]}" | tee "$OUTDIR/summary.txt"
