@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "diffusion_step_check.h"  // VLOPS_CHECK
+#include "cephes_expf.h"
 #include "vec16.h"  // 16-lane vector helpers (silences -Wpsabi: no vector crosses a call boundary)
 
 namespace vlops {
@@ -47,25 +48,7 @@ namespace {
 
 using namespace vec16;  // csrc/cpu/vec16.h: vf, vi, F32 / F64, splat, vload, vstore, sel, hsum, ...
 
-// exp, cephes expf (~1 ulp); the argument is clamped to [-87, 88] (no overflow, no denormals).
-CVINL vf vexp(vf x) {
-  x = x < -87.0f ? splat(-87.0f) : x;
-  x = x > 88.0f ? splat(88.0f) : x;
-  vf fx = x * 1.44269504088896341f + 12582912.0f;  // round(x / ln 2) via the 1.5 * 2**23 trick
-  fx = fx - 12582912.0f;
-  vf r = x - fx * 0.693359375f;
-  r = r - fx * -2.12194440e-4f;
-  const vf z = r * r;
-  vf y = splat(1.9875691500E-4f);
-  y = y * r + 1.3981999507E-3f;
-  y = y * r + 8.3334519073E-3f;
-  y = y * r + 4.1665795894E-2f;
-  y = y * r + 1.6666665459E-1f;
-  y = y * r + 5.0000001201E-1f;
-  y = y * z + r + 1.0f;
-  const vi n = __builtin_convertvector(fx, vi);
-  return y * (vf)((n + 127) << 23);
-}
+CVINL vf vexp(vf x) { return cephes_expf<vf, vi>(x); }  // csrc/cpu/cephes_expf.h
 // log1p(e) for e in [0, 1]: cephes logf of u = 1 + e on [1, 2], times e / (u - 1) (exact for tiny e).
 CVINL vf vlog1p01(vf e) {
   const vf u = e + 1.0f;

@@ -33,6 +33,7 @@
 #define VLOPS_X86 0
 #endif
 
+#include "cephes_expf.h"
 #include "diffusion_step_check.h"
 #include "diffusion_step_coef.h"
 

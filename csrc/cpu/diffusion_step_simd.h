@@ -120,24 +120,7 @@ VINL V vclamp(V x, V lo, V hi) {
   return x > hi ? hi : x;
 }
 
-// exp, cephes expf (~1 ulp); the argument is clamped to [-87, 88] (no overflow, no denormals).
-VINL vf vexp(vf x) {
-  x = vclamp(x, splat(-87.0f), splat(88.0f));
-  vf fx = x * 1.44269504088896341f + 12582912.0f;  // round(x / ln 2) via the 1.5 * 2**23 trick
-  fx = fx - 12582912.0f;
-  vf r = x - fx * 0.693359375f;
-  r = r - fx * -2.12194440e-4f;
-  const vf z = r * r;
-  vf y = splat(1.9875691500E-4f);
-  y = y * r + 1.3981999507E-3f;
-  y = y * r + 8.3334519073E-3f;
-  y = y * r + 4.1665795894E-2f;
-  y = y * r + 1.6666665459E-1f;
-  y = y * r + 5.0000001201E-1f;
-  y = y * z + r + 1.0f;
-  const vi n = __builtin_convertvector(fx, vi);
-  return y * (vf)((n + 127) << 23);
-}
+VINL vf vexp(vf x) { return cephes_expf<vf, vi>(x); }  // csrc/cpu/cephes_expf.h
 VINL vd vexp(vd x) {
   for (int l = 0; l < WD; ++l) x[l] = __builtin_exp(x[l]);
   return x;
