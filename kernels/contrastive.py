@@ -479,7 +479,7 @@ def siglip_fwd(a, b, scale, bias, negative_only, *, blocks=None, method=None):
 
     _validate(a, b, scale, bias)
     if _method(a, method) == "chunked":
-        return _chunked_siglip(a, b, scale, bias, bool(negative_only), False, blocks)
+        return _chunked_siglip_fwd(a, b, scale, bias, bool(negative_only), blocks)
     N, D = a.shape
     M = b.shape[0]
     cfg = _cfg("fwd", a, blocks)
@@ -495,7 +495,7 @@ def siglip_bwd(a, b, scale, bias, negative_only, *, blocks=None, method=None):
 
     _validate(a, b, scale, bias)
     if _method(a, method) == "chunked":
-        return _chunked_siglip(a, b, scale, bias, bool(negative_only), True, blocks)
+        return _chunked_siglip_bwd(a, b, scale, bias, bool(negative_only), blocks)
     N, D = a.shape
     M = b.shape[0]
     cfg = _cfg("grad", a, blocks)
@@ -607,7 +607,10 @@ def _chunked_lse(a, b, scale, blocks):
     return row, cm + torch.log(cl)
 
 
-def _chunked_clip_bwd(a, b, scale, row_lse, col_lse, cr, cc, row_center, col_center, blocks):
+def _chunked_grads(a, b, blocks, n_parts, launch):
+    """The chunked backward: per chunk of R rows, ``launch(grid, ac, w, R, r0, parts, blk)`` writes W (the
+    input dtype, from tl.dot tiles) and ``n_parts`` per-program partial sums; then ``da[rows] = W @ b`` and
+    ``db += W.T @ a[rows]`` (cuBLAS, fp32 output). Returns da, db and the ``n_parts`` totals [1]."""
     import torch
 
     (N, D), M = a.shape, b.shape[0]
@@ -617,57 +620,61 @@ def _chunked_clip_bwd(a, b, scale, row_lse, col_lse, cr, cc, row_center, col_cen
     da = torch.empty(N, D, **f32)
     db = torch.zeros(M, D, **f32)
     blk = _dot_blocks(a)
+    sums = [[] for _ in range(n_parts)]
+    for r0 in range(0, N, C):
+        R = min(C, N - r0)
+        ac = a[r0:r0 + R]
+        grid = _chunk_grid(R, M, blk)
+        parts = [torch.empty(grid[0] * grid[1], **f32) for _ in range(n_parts)]
+        launch(grid, ac, w, R, r0, parts, blk)
+        for acc, part in zip(sums, parts):
+            acc.append(part.sum())
+        _mm_f32(w[:R], b, da[r0:r0 + R])
+        _mm_f32(w[:R].t(), ac, db, accumulate=True)
+    return (da, db, *(torch.stack(acc).sum().reshape(1) for acc in sums))
+
+
+def _chunked_clip_bwd(a, b, scale, row_lse, col_lse, cr, cc, row_center, col_center, blocks):
+    D, M = a.shape[1], b.shape[0]
+
+    def launch(grid, ac, w, R, r0, parts, blk):
+        _chunk_clip_w_kernel[grid](ac, b, D, w, R, M, r0, scale, row_lse, col_lse, row_center, col_center,
+                                   parts[0], cr, cc, F32_DOT=_INTERPRETED, **blk)
+
+    return _chunked_grads(a, b, blocks, 1, launch)
+
+
+def _chunked_siglip_bwd(a, b, scale, bias, neg, blocks):
+    D, M = a.shape[1], b.shape[0]
+
+    def launch(grid, ac, w, R, r0, parts, blk):
+        _chunk_siglip_kernel[grid](w, ac, b, D, w, R, M, r0, scale, bias, parts[0], parts[1], NEG_ONLY=neg,
+                                   GRAD=True, F32_DOT=_INTERPRETED, **blk)
+
+    return _chunked_grads(a, b, blocks, 2, launch)
+
+
+def _chunked_siglip_fwd(a, b, scale, bias, neg, blocks):
+    """The loss from raw = a[rows] @ b.T (cuBLAS, fp32 workspace) and one elementwise pass per chunk."""
+    import torch
+
+    (N, D), M = a.shape, b.shape[0]
+    C = _chunk_rows(a, M, blocks, 4)
+    f32 = dict(dtype=torch.float32, device=a.device)
+    raw = torch.empty(C, M, **f32)
+    blk = dict(_CHUNK_BLOCKS, BLOCK_D=16)
+    bt = b.t()
     sums = []
     for r0 in range(0, N, C):
         R = min(C, N - r0)
         ac = a[r0:r0 + R]
+        _mm_f32(ac, bt, raw[:R])
         grid = _chunk_grid(R, M, blk)
         part = torch.empty(grid[0] * grid[1], **f32)
-        _chunk_clip_w_kernel[grid](ac, b, D, w, R, M, r0, scale, row_lse, col_lse, row_center, col_center, part,
-                                   cr, cc, F32_DOT=_INTERPRETED, **blk)
-        sums.append(part.sum())
-        _mm_f32(w[:R], b, da[r0:r0 + R])
-        _mm_f32(w[:R].t(), ac, db, accumulate=True)
-    return da, db, torch.stack(sums).sum().reshape(1)
-
-
-def _chunked_siglip(a, b, scale, bias, neg, grad, blocks):
-    """The forward reads raw from a cuBLAS product; the gradient computes it in its kernel (tl.dot),
-    so that its workspace holds only W."""
-    import torch
-
-    (N, D), M = a.shape, b.shape[0]
-    C = _chunk_rows(a, M, blocks, a.element_size() if grad else 4)
-    f32 = dict(dtype=torch.float32, device=a.device)
-    if grad:
-        w = raw = torch.empty(C, M, dtype=a.dtype, device=a.device)
-        da = torch.empty(N, D, **f32)
-        db = torch.zeros(M, D, **f32)
-        blk = _dot_blocks(a)
-    else:
-        w = raw = torch.empty(C, M, **f32)
-        blk = dict(_CHUNK_BLOCKS, BLOCK_D=16)
-    bt = b.t()
-    sums, sums_b = [], []
-    for r0 in range(0, N, C):
-        R = min(C, N - r0)
-        ac = a[r0:r0 + R]
-        if not grad:
-            _mm_f32(ac, bt, raw[:R])
-        grid = _chunk_grid(R, M, blk)
-        part = torch.empty(grid[0] * grid[1], **f32)
-        part_b = torch.empty(grid[0] * grid[1], **f32) if grad else part
-        _chunk_siglip_kernel[grid](raw, ac, b, D, w, R, M, r0, scale, bias, part, part_b, NEG_ONLY=neg, GRAD=grad,
+        _chunk_siglip_kernel[grid](raw, ac, b, D, raw, R, M, r0, scale, bias, part, part, NEG_ONLY=neg, GRAD=False,
                                    F32_DOT=_INTERPRETED, **blk)
         sums.append(part.sum())
-        if grad:
-            sums_b.append(part_b.sum())
-            _mm_f32(w[:R], b, da[r0:r0 + R])
-            _mm_f32(w[:R].t(), ac, db, accumulate=True)
-    total = torch.stack(sums).sum().reshape(1)
-    if not grad:
-        return total
-    return da, db, total, torch.stack(sums_b).sum().reshape(1)
+    return torch.stack(sums).sum().reshape(1)
 
 
 # ---------------------------------------------------------------------------------------------
