@@ -37,12 +37,11 @@
 
 #include "diffusion_step_check.h"  // VLOPS_CHECK
 #include "cephes_expf.h"
+#include "isa_dispatch.h"
 #include "vec16.h"  // 16-lane vector helpers (silences -Wpsabi: no vector crosses a call boundary)
 
 namespace vlops {
 namespace cpu {
-
-std::string cpu_isa();  // csrc/cpu/diffusion_step.cpp: the instruction set the CPU kernels use now
 
 namespace {
 
@@ -270,59 +269,21 @@ CVINL void sig_bwd_tile_body(const SigTile<Tr>& p, double* dscale, double* dbias
   *dbias += db;
 }
 
-// Per-ISA entry points of the fp32 bodies (the bodies are inlined into each, compiled for its ISA).
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
-#define VLOPS_CT_X86 1
-#define VLOPS_CT_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c")))
-#define VLOPS_CT_AVX2 __attribute__((target("avx2,fma,f16c")))
-#else
-#define VLOPS_CT_X86 0
-#endif
+// Per-ISA entry points of the fp32 bodies (csrc/cpu/isa_dispatch.h).
+VLOPS_ISA_ENTRY(lse_tile_f32, void, (const LseTile<F32>& p), lse_tile_body<F32>(p))
+VLOPS_ISA_ENTRY(clip_bwd_tile_f32, double, (const ClipBwdTile<F32>& p), clip_bwd_tile_body<F32>(p))
+VLOPS_ISA_ENTRY(sig_fwd_tile_f32, double, (const SigTile<F32>& p), sig_fwd_tile_body<F32>(p))
+VLOPS_ISA_ENTRY(sig_bwd_tile_f32, void, (const SigTile<F32>& p, double* ds, double* db),
+                sig_bwd_tile_body<F32>(p, ds, db))
 
-#define VLOPS_CT_ENTRY(NAME, RET, ARGS, CALL)                  \
-  RET NAME##_generic ARGS { return CALL; }                     \
-  VLOPS_CT_ENTRY_X86(NAME, RET, ARGS, CALL)
-#if VLOPS_CT_X86
-#define VLOPS_CT_ENTRY_X86(NAME, RET, ARGS, CALL)              \
-  VLOPS_CT_AVX2 RET NAME##_avx2 ARGS { return CALL; }         \
-  VLOPS_CT_AVX512 RET NAME##_avx512 ARGS { return CALL; }
-#else
-#define VLOPS_CT_ENTRY_X86(NAME, RET, ARGS, CALL)
-#endif
-
-VLOPS_CT_ENTRY(lse_tile_f32, void, (const LseTile<F32>& p), lse_tile_body<F32>(p))
-VLOPS_CT_ENTRY(clip_bwd_tile_f32, double, (const ClipBwdTile<F32>& p), clip_bwd_tile_body<F32>(p))
-VLOPS_CT_ENTRY(sig_fwd_tile_f32, double, (const SigTile<F32>& p), sig_fwd_tile_body<F32>(p))
-VLOPS_CT_ENTRY(sig_bwd_tile_f32, void, (const SigTile<F32>& p, double* ds, double* db),
-               sig_bwd_tile_body<F32>(p, ds, db))
-
-enum Isa { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
-
-int current_isa() {
-#if VLOPS_CT_X86
-  const std::string s = cpu_isa();
-  if (s == "avx512") return ISA_AVX512;
-  if (s == "avx2") return ISA_AVX2;
-#endif
-  return ISA_GENERIC;
-}
-
-#if VLOPS_CT_X86
-#define VLOPS_CT_DISPATCH(isa, NAME, ...)                         \
-  ((isa) == ISA_AVX512 ? NAME##_avx512(__VA_ARGS__)             \
-                       : (isa) == ISA_AVX2 ? NAME##_avx2(__VA_ARGS__) : NAME##_generic(__VA_ARGS__))
-#else
-#define VLOPS_CT_DISPATCH(isa, NAME, ...) NAME##_generic(__VA_ARGS__)
-#endif
-
-CVINL void lse_tile(int isa, const LseTile<F32>& p) { VLOPS_CT_DISPATCH(isa, lse_tile_f32, p); }
+CVINL void lse_tile(int isa, const LseTile<F32>& p) { VLOPS_ISA_DISPATCH(isa, lse_tile_f32, p); }
 CVINL void lse_tile(int, const LseTile<F64>& p) { lse_tile_body<F64>(p); }
-CVINL double clip_bwd_tile(int isa, const ClipBwdTile<F32>& p) { return VLOPS_CT_DISPATCH(isa, clip_bwd_tile_f32, p); }
+CVINL double clip_bwd_tile(int isa, const ClipBwdTile<F32>& p) { return VLOPS_ISA_DISPATCH(isa, clip_bwd_tile_f32, p); }
 CVINL double clip_bwd_tile(int, const ClipBwdTile<F64>& p) { return clip_bwd_tile_body<F64>(p); }
-CVINL double sig_fwd_tile(int isa, const SigTile<F32>& p) { return VLOPS_CT_DISPATCH(isa, sig_fwd_tile_f32, p); }
+CVINL double sig_fwd_tile(int isa, const SigTile<F32>& p) { return VLOPS_ISA_DISPATCH(isa, sig_fwd_tile_f32, p); }
 CVINL double sig_fwd_tile(int, const SigTile<F64>& p) { return sig_fwd_tile_body<F64>(p); }
 CVINL void sig_bwd_tile(int isa, const SigTile<F32>& p, double* ds, double* db) {
-  VLOPS_CT_DISPATCH(isa, sig_bwd_tile_f32, p, ds, db);
+  VLOPS_ISA_DISPATCH(isa, sig_bwd_tile_f32, p, ds, db);
 }
 CVINL void sig_bwd_tile(int, const SigTile<F64>& p, double* ds, double* db) { sig_bwd_tile_body<F64>(p, ds, db); }
 

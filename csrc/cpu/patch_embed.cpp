@@ -57,12 +57,11 @@
 #include <vector>
 
 #include "diffusion_step_check.h"  // VLOPS_CHECK
+#include "isa_dispatch.h"
 #include "vec16.h"  // 16-lane vector helpers (silences -Wpsabi: no vector crosses a call boundary)
 
 namespace vlops {
 namespace cpu {
-
-std::string cpu_isa();  // csrc/cpu/diffusion_step.cpp: the instruction set the CPU kernels use now
 
 namespace {
 
@@ -188,41 +187,10 @@ CVINL void epi_body(const Epi<typename Tr::S>& a) {
   }
 }
 
-// Per-ISA entry points of the fp32 epilogue (the body is inlined into each, compiled for its ISA).
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
-#define VLOPS_PE_X86 1
-#define VLOPS_PE_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c")))
-#define VLOPS_PE_AVX2 __attribute__((target("avx2,fma,f16c")))
-#else
-#define VLOPS_PE_X86 0
-#endif
+// Per-ISA entry points of the fp32 epilogue (csrc/cpu/isa_dispatch.h).
+VLOPS_ISA_ENTRY(epi_f32, void, (const Epi<float>& a), epi_body<F32>(a))
 
-void epi_f32_generic(const Epi<float>& a) { epi_body<F32>(a); }
-#if VLOPS_PE_X86
-VLOPS_PE_AVX2 void epi_f32_avx2(const Epi<float>& a) { epi_body<F32>(a); }
-VLOPS_PE_AVX512 void epi_f32_avx512(const Epi<float>& a) { epi_body<F32>(a); }
-#endif
-
-enum Isa { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
-
-int current_isa() {
-#if VLOPS_PE_X86
-  const std::string s = cpu_isa();
-  if (s == "avx512") return ISA_AVX512;
-  if (s == "avx2") return ISA_AVX2;
-#endif
-  return ISA_GENERIC;
-}
-
-void epilogue(int isa, const Epi<float>& a) {
-#if VLOPS_PE_X86
-  if (isa == ISA_AVX512) return epi_f32_avx512(a);
-  if (isa == ISA_AVX2) return epi_f32_avx2(a);
-#else
-  (void)isa;
-#endif
-  epi_f32_generic(a);
-}
+void epilogue(int isa, const Epi<float>& a) { VLOPS_ISA_DISPATCH(isa, epi_f32, a); }
 void epilogue(int, const Epi<double>& a) { epi_body<F64>(a); }
 
 // ------------------------------------------------------------------------------------------------
@@ -360,21 +328,9 @@ CVINL void bwd_body(const BwdRows<typename Tr::S>& a) {
   }
 }
 
-void bwd_f32_generic(const BwdRows<float>& a) { bwd_body<F32>(a); }
-#if VLOPS_PE_X86
-VLOPS_PE_AVX2 void bwd_f32_avx2(const BwdRows<float>& a) { bwd_body<F32>(a); }
-VLOPS_PE_AVX512 void bwd_f32_avx512(const BwdRows<float>& a) { bwd_body<F32>(a); }
-#endif
+VLOPS_ISA_ENTRY(bwd_f32, void, (const BwdRows<float>& a), bwd_body<F32>(a))
 
-void bwd_rows(int isa, const BwdRows<float>& a) {
-#if VLOPS_PE_X86
-  if (isa == ISA_AVX512) return bwd_f32_avx512(a);
-  if (isa == ISA_AVX2) return bwd_f32_avx2(a);
-#else
-  (void)isa;
-#endif
-  bwd_f32_generic(a);
-}
+void bwd_rows(int isa, const BwdRows<float>& a) { VLOPS_ISA_DISPATCH(isa, bwd_f32, a); }
 void bwd_rows(int, const BwdRows<double>& a) { bwd_body<F64>(a); }
 
 // ------------------------------------------------------------------------------------------------
