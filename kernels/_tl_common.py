@@ -1,5 +1,5 @@
-"""Triton device helpers shared by the kernel modules of this package (not a kernel module itself: the
-AOT check skips files starting with "_")."""
+"""Triton device helpers shared by the kernel modules of this package, and the signature builder of their
+AOT specs (not a kernel module itself: the AOT check skips files starting with "_")."""
 from __future__ import annotations
 
 import triton
@@ -40,3 +40,20 @@ def _store_rounded(ptrs, x, mask, F32_DOT: tl.constexpr):
     """Store fp32 ``x`` into ``ptrs``' dtype, rounded to nearest even."""
     dt: tl.constexpr = ptrs.dtype.element_ty
     tl.store(ptrs, _round_to(x, dt, F32_DOT).to(dt), mask=mask)
+
+
+def aot_signature(fn, constexprs: dict, typed_ptrs: dict, scalar_type) -> dict:
+    """The ``triton.compile`` signature of ``@triton.jit`` ``fn`` for an AOT spec: "constexpr" for the
+    names in ``constexprs``, ``typed_ptrs[name]`` (e.g. "*bf16") for those pointers, "*fp32" for every other
+    ``*_ptr`` argument, ``scalar_type(name)`` for the remaining scalars."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in typed_ptrs:
+            sig[name] = typed_ptrs[name]
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        else:
+            sig[name] = scalar_type(name)
+    return sig

@@ -75,7 +75,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tl_common import _dot, _round_to, _store_rounded
+from ._tl_common import _dot, _round_to, _store_rounded, aot_signature
 
 __all__ = ["contrastive_lse", "clip_bwd", "siglip_fwd", "siglip_bwd", "AOT_SPECS", "block_config", "default_method"]
 
@@ -695,16 +695,7 @@ def _aot_spec(kernel: str, dtype: str, **flags):
     cfg = block_config(kind, _ELEM_SIZE[dtype])
     constexprs = {k: v for k, v in cfg.items() if k.startswith("BLOCK") and k in fn.arg_names}
     constexprs.update(flags, F32_DOT=False)
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in data_ptrs:
-            signature[name] = f"*{dtype}"
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32"
-        else:
-            signature[name] = _SCALAR_TYPES[name]
+    signature = aot_signature(fn, constexprs, {n: f"*{dtype}" for n in data_ptrs}, _SCALAR_TYPES.__getitem__)
     flag_s = "".join(f"_{k.lower()}" for k, v in flags.items() if v)
     # The common case: D divisible by 16 (CLIP / SigLIP embed dims 512..1280), aligned base pointers.
     divisible = [n for n in fn.arg_names if n.endswith("_ptr")] + ["D"]
@@ -725,16 +716,8 @@ def _aot_chunk_spec(kernel, dtype, **flags):
     if "F32_DOT" in fn.arg_names:
         constexprs["F32_DOT"] = False
     ints = {"R", "M", "row0", "P_STRIDE", "D"}
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in ("w_ptr", "x_ptr", "y_ptr"):
-            signature[name] = f"*{dtype}"
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32"
-        else:
-            signature[name] = "i32" if name in ints else "fp32"
+    signature = aot_signature(fn, constexprs, {n: f"*{dtype}" for n in ("w_ptr", "x_ptr", "y_ptr")},
+                              lambda n: "i32" if n in ints else "fp32")
     flag_s = "".join(f"_{k.lower()}" for k, v in flags.items() if v)
     return {"name": f"contrastive_{kernel}_{dtype}{flag_s}", "kernel": fn, "signature": signature,
             "constexprs": constexprs, "num_warps": blk["num_warps"], "num_stages": blk["num_stages"],

@@ -90,7 +90,7 @@ import numbers
 import triton
 import triton.language as tl
 
-from ._tl_common import _dot, _round_to, _store_rounded
+from ._tl_common import _dot, _round_to, _store_rounded, aot_signature
 
 __all__ = ["patch_embed_fwd", "patch_embed_bwd", "AOT_SPECS", "block_config"]
 
@@ -663,6 +663,14 @@ def patch_embed_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps,
 _ELEM_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
+def _norm_scalar_type(name: str) -> str:
+    return "fp32" if name.endswith("eps") else "i32"
+
+
+def _int_scalar(name: str) -> str:
+    return "i32"
+
+
 def _aot_gemm(dtype: str, P: int = 16, out: str | None = None, layout: str = "nchw", pad: bool = False,
               bias: bool = True, pos: bool = True, D: int = 768):
     """The GEMM kernel for ``dtype`` images, patch size ``P``, output ``out`` (default: ``dtype``, the
@@ -676,7 +684,7 @@ def _aot_gemm(dtype: str, P: int = 16, out: str | None = None, layout: str = "nc
     constexprs = dict(P=P, PAD=pad, HAS_BIAS=bias, ADD_POS=pos and out == dtype, BLOCK_M=cfg["BLOCK_M"],
                       BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], F32_DOT=False, **unit)
     ptrs = {"img_ptr": dtype, "w_ptr": dtype, "bias_ptr": "fp32", "pos_ptr": "fp32", "out_ptr": out}
-    signature = {a: ("constexpr" if a in constexprs else f"*{ptrs[a]}" if a in ptrs else "i32") for a in fn.arg_names}
+    signature = aot_signature(fn, constexprs, {a: f"*{t}" for a, t in ptrs.items()}, _int_scalar)
     # ViT shapes (224 px, C = 3): the strides other than the unit one divisible by 16 (channels_last
     # s_w = C = 3 is not); the kernel computes K = C P P itself
     divisible = [p for p in ptrs if layout != "any" or p != "img_ptr"] + (["D"] if D % 16 == 0 else [])
@@ -692,16 +700,7 @@ def _aot_norm(out: str, D: int, use_pn: bool = False, use_ln: bool = True, affin
     constexprs = dict(USE_PN=use_pn, PN_W=use_pn and affine, PN_B=use_pn and affine, HAS_POS=pos, USE_LN=use_ln,
                       LN_W=use_ln and affine, LN_B=use_ln and affine, ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"],
                       F32_DOT=False)
-    signature = {}
-    for a in fn.arg_names:
-        if a in constexprs:
-            signature[a] = "constexpr"
-        elif a == "out_ptr":
-            signature[a] = f"*{out}"
-        elif a.endswith("_ptr"):
-            signature[a] = "*fp32"
-        else:
-            signature[a] = "fp32" if a.endswith("eps") else "i32"
+    signature = aot_signature(fn, constexprs, {"out_ptr": f"*{out}"}, _norm_scalar_type)
     flags = ("_pn" if use_pn else "") + ("_ln" if use_ln else "")
     return {"name": f"patch_embed_norm_{out}_d{D}{flags}", "kernel": fn, "signature": signature,
             "constexprs": constexprs, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
@@ -717,7 +716,7 @@ def _aot_dweight(dtype: str, P: int = 16, layout: str = "nchw", pad: bool = Fals
     constexprs = dict(P=P, PAD=pad, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                       F32_DOT=False, **unit)
     ptrs = {"img_ptr": dtype, "g0_ptr": "fp32", "dw_ptr": "fp32"}
-    signature = {a: ("constexpr" if a in constexprs else f"*{ptrs[a]}" if a in ptrs else "i32") for a in fn.arg_names}
+    signature = aot_signature(fn, constexprs, {a: f"*{t}" for a, t in ptrs.items()}, _int_scalar)
     divisible = [p for p in ptrs if layout != "any" or p != "img_ptr"] + (["D"] if D % 16 == 0 else [])
     divisible += [s for s in ("s_b", "s_c", "s_h") if s not in unit and layout != "any"] + ["M_SPLIT"]
     return {"name": f"patch_embed_dweight_{dtype}_p{P}_d{D}_{layout}" + ("_pad" if pad else ""),
@@ -732,7 +731,7 @@ def _aot_dimages(dtype: str, P: int = 16, pad: bool = False, D: int = 768):
     constexprs = dict(P=P, PAD=pad, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                       F32_DOT=False)
     ptrs = {"g0_ptr": "fp32", "w_ptr": dtype, "dimg_ptr": "fp32"}
-    signature = {a: ("constexpr" if a in constexprs else f"*{ptrs[a]}" if a in ptrs else "i32") for a in fn.arg_names}
+    signature = aot_signature(fn, constexprs, {a: f"*{t}" for a, t in ptrs.items()}, _int_scalar)
     divisible = list(ptrs) + (["D"] if D % 16 == 0 else []) + ([] if pad else ["H", "W"])
     return {"name": f"patch_embed_dimages_{dtype}_p{P}_d{D}" + ("_pad" if pad else ""),
             "kernel": fn, "signature": signature, "constexprs": constexprs, "num_warps": cfg["num_warps"],
@@ -746,16 +745,7 @@ def _aot_norm_bwd(grad: str, D: int, use_pn: bool = False, use_ln: bool = True, 
     cfg = block_config("norm_bwd", 4, D)
     constexprs = dict(USE_PN=use_pn, PN_W=use_pn and affine, PN_B=use_pn and affine, HAS_POS=pos, USE_LN=use_ln,
                       LN_W=use_ln and affine, LN_B=use_ln and affine, ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"])
-    signature = {}
-    for a in fn.arg_names:
-        if a in constexprs:
-            signature[a] = "constexpr"
-        elif a == "grad_ptr":
-            signature[a] = f"*{grad}"
-        elif a.endswith("_ptr"):
-            signature[a] = "*fp32"
-        else:
-            signature[a] = "fp32" if a.endswith("eps") else "i32"
+    signature = aot_signature(fn, constexprs, {"grad_ptr": f"*{grad}"}, _norm_scalar_type)
     flags = ("_pn" if use_pn else "") + ("_ln" if use_ln else "") + ("_pos" if pos else "")
     return {"name": f"patch_embed_norm_bwd_{grad}_d{D}{flags}", "kernel": fn, "signature": signature,
             "constexprs": constexprs, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
