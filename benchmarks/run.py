@@ -329,8 +329,7 @@ def has_kernel(op: str, backend: str) -> bool:
         from vlops import _backends
     except ImportError:
         return True
-    kernels = getattr(_backends, "OP_KERNELS", {}).get(op)
-    return backend == "reference" or kernels is None or kernels.get(backend) is not None
+    return op not in _backends.OP_KERNELS or _backends.has_kernel(op, backend)
 
 
 def select_backends(device: torch.device, asked) -> tuple[list[str], list[str]]:

@@ -151,6 +151,11 @@ def _triton_module_reason(module: str) -> str:
     return ""
 
 
+def has_kernel(op: str, name: str) -> bool:
+    """Whether vlops has a backend ``name`` kernel for ``op`` at all, built or not (the reference always)."""
+    return name == "reference" or OP_KERNELS.get(op, {}).get(name) is not None
+
+
 def op_unavailable_reason(op: str, name: str, device) -> str:
     """Why backend ``name`` cannot run ``op`` on ``device`` ('' if it can)."""
     why = unavailable_reason(name, device)
@@ -158,7 +163,7 @@ def op_unavailable_reason(op: str, name: str, device) -> str:
         return why
     kernels = OP_KERNELS.get(op, {})
     sym = kernels.get(name)
-    if sym is None:
+    if not has_kernel(op, name):
         return f"vlops has no {name} kernel for {op} (backends with one: reference, " + ", ".join(
             b for b, v in kernels.items() if v) + ")"
     if name in ("cpu", "cuda") and not hasattr(extension(), f"{sym}_{name}"):
