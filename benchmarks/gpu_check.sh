@@ -19,6 +19,10 @@
 #
 # GPU_BENCH_ARGS, GPU_TUNE_ARGS and GPU_TEST_ARGS add words to the bench, tune and gpu-tests commands (e.g.
 # "--ops contrastive", "--huge 0", "tests/test_contrastive.py"); GPU_TUNE_ARGS=skip leaves the study out.
+# GPU_TUNE_SCRIPT picks the study (default benchmarks/contrastive_tune.py; benchmarks/patch_embed_tune.py is
+# the patch stem's). GPU_TESTS_BACKGROUND=1 starts the gpu-tests stage right after the build, beside bench
+# and tune (its output goes to OUTDIR/tests.txt and joins the log at the end): the tests' first minutes
+# are Triton compiles on the CPU; their small kernels share the GPU with the timed runs while they last.
 #
 # Files written to OUTDIR (at most 8 come back): log.txt (everything), summary.txt, and the runner's
 # <device>.csv, <device>.png, <device>.txt.
@@ -63,6 +67,13 @@ stage() {
     return $rc
 }
 
+# the gpu-tests stage; in the background its summary line goes through OUTDIR/tests_summary.txt
+run_tests() {
+    # shellcheck disable=SC2086
+    stage gpu-tests 240 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --maxfail=20 ${GPU_TEST_ARGS:-}
+    printf '%s\n' "${SUMMARY[-1]}" >"$OUTDIR/tests_summary.txt"
+}
+
 main() {
     if ! command -v nvcc >/dev/null 2>&1; then  # the toolkit may sit in a versioned folder off PATH
         for d in /usr/local/cuda /usr/local/cuda-13.0 /usr/local/cuda-13; do
@@ -99,14 +110,26 @@ main() {
         echo "vlops._C: not importable"
 
     stage backends 60 python3 -m vlops
+    local tests_pid=""
+    if [ "${GPU_TESTS_BACKGROUND:-0}" = 1 ]; then
+        (run_tests >"$OUTDIR/tests.txt" 2>&1) &
+        tests_pid=$!
+        echo "=== [gpu-tests] started in the background (pid $tests_pid), output in tests.txt"
+    fi
     # shellcheck disable=SC2086  # GPU_BENCH_ARGS / GPU_TEST_ARGS: extra words, e.g. "--ops contrastive"
     stage bench 200 python3 benchmarks/run.py --device cuda --out "$OUTDIR" --verbose ${GPU_BENCH_ARGS:-}
     if [ "${GPU_TUNE_ARGS:-}" != skip ]; then
         # shellcheck disable=SC2086
-        stage tune 150 python3 benchmarks/contrastive_tune.py ${GPU_TUNE_ARGS:-}
+        stage tune 150 python3 "${GPU_TUNE_SCRIPT:-benchmarks/contrastive_tune.py}" ${GPU_TUNE_ARGS:-}
     fi
-    # shellcheck disable=SC2086
-    stage gpu-tests 240 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --maxfail=20 ${GPU_TEST_ARGS:-}
+    if [ -n "$tests_pid" ]; then
+        wait "$tests_pid"
+        echo
+        cat "$OUTDIR/tests.txt"
+        [ -f "$OUTDIR/tests_summary.txt" ] && SUMMARY+=("$(cat "$OUTDIR/tests_summary.txt")")
+    else
+        run_tests
+    fi
     echo
     echo "=== summary ($(($(date +%s) - START))s of ${BUDGET}s)"
     printf '%s\n' "${SUMMARY[@]}" | tee "$OUTDIR/summary.txt"

@@ -1,0 +1,154 @@
+"""Tile study of the Triton patch-stem kernels on a CUDA GPU: the forward implicit GEMM over a set of tile
+configurations, next to cuBLAS on the same product (patches gathered into a contiguous [M, K] buffer
+first, not timed) and cuDNN's convolution (``cudnn.benchmark`` on), then the whole forward and backward
+of the op at the default tiles, with and without a LayerNorm. The data for choosing
+``kernels/patch_embed.block_config``; the headline fused-vs-eager figures come from ``benchmarks/run.py``.
+
+    python benchmarks/patch_embed_tune.py [--batch 256] [--models vit_b16 vit_l14] [--dtype bf16]
+    TRITON_INTERPRET=1 python benchmarks/patch_embed_tune.py --device cpu --batch 1 --configs 2
+                                              (a smoke run of this script on CPU tensors)
+
+One line per measurement: milliseconds (median over trials of back-to-back calls, CUDA events), the
+GEMM's 2 M K D flops as TFLOP/s, and for the Triton GEMM its relative error against cuBLAS (fp32
+accumulation both; the tile configuration is dropped from the ranking when the error is over 1e-2).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MODELS = {"vit_b16": (16, 768), "vit_l14": (14, 1024)}  # patch, width (224 px images, 3 channels)
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the first is block_config's default for 16-bit D % 16 == 0
+CONFIGS = [
+    (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4),
+    (128, 128, 128, 8, 2), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 32, 8, 4),
+    (256, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 64, 8, 3),
+    (256, 64, 64, 8, 3), (64, 64, 64, 4, 4),
+]
+
+
+def timed(fn, reps=20, trials=5):
+    """Median milliseconds per call: ``trials`` runs of ``reps`` calls queued back to back."""
+    fn()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    per = []
+    for _ in range(trials):
+        if cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(reps):
+                fn()
+            e.record()
+            e.synchronize()
+            per.append(s.elapsed_time(e) / reps)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            per.append((time.perf_counter() - t0) * 1e3 / reps)
+    return statistics.median(per)
+
+
+def line(name, ms, flops, extra=""):
+    print(f"{name:<58s} {ms:9.4f} ms {flops / ms / 1e9:8.1f} TFLOP/s" + (f"  {extra}" if extra else ""), flush=True)
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def study(model, B, dt, dev, n_configs, reps, trials):
+    from vlops.kernels import patch_embed as k
+
+    P, D = MODELS[model]
+    C, HW = 3, 224
+    G = HW // P
+    NP = G * G
+    M, K = B * NP, C * P * P
+    flops = 2.0 * M * K * D
+    g = torch.Generator(device="cpu").manual_seed(0)
+    images = torch.randn(B, C, HW, HW, generator=g).to(dev, dt)
+    weight = (torch.randn(D, K, generator=g) * K ** -0.5).to(dev, dt)
+    bias = torch.randn(D, generator=g).to(dev)
+    pos = torch.randn(NP, D, generator=g).to(dev)
+    lnw, lnb = (1 + 0.1 * torch.randn(D, generator=g)).to(dev), (0.1 * torch.randn(D, generator=g)).to(dev)
+    print(f"\n## {model}: B={B} P={P} D={D} K={K} M={M} {dt} ({flops / 1e9:.1f} GFLOP per GEMM)", flush=True)
+
+    patches = images.reshape(B, C, G, P, G, P).permute(0, 2, 4, 1, 3, 5).reshape(M, K).contiguous()
+    ref = (patches @ weight.T).float() + bias  # [M, D]
+    ref_rows = (ref.view(B, NP, D) + pos).view(M, D)
+    line(f"{model} cublas patches @ W.T (gathered, not timed)", timed(lambda: patches @ weight.T, reps, trials),
+         flops)
+    conv_w = weight.view(D, C, P, P)
+    torch.backends.cudnn.benchmark = True
+    line(f"{model} cudnn conv2d stride P (benchmark on)",
+         timed(lambda: torch.nn.functional.conv2d(images, conv_w, stride=P), reps, trials), flops)
+    torch.backends.cudnn.benchmark = False
+
+    ranked = []
+    args = (images, weight, bias, pos, None, None, 0.0, False, None, None, 0.0, False, P, 0)
+    for cfg in CONFIGS[:n_configs]:
+        bm, bn, bk, nw, ns = cfg
+        blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+        name = f"{model} triton gemm+bias+pos {bm}x{bn}x{bk} w{nw} s{ns}"
+        try:
+            t0 = time.perf_counter()
+            out = k.patch_embed_fwd(*args, blocks=blocks)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t0
+            err = rel(out.view(M, D), ref_rows)
+            ms = timed(lambda: k.patch_embed_fwd(*args, blocks=blocks), reps, trials)
+        except Exception as e:  # noqa: BLE001 - a configuration that does not compile or launch is reported
+            print(f"{name:<58s} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+            continue
+        line(name, ms, flops, f"relerr {err:.1e} (first call {compile_s:.1f} s)")
+        if err <= 1e-2:
+            ranked.append((ms, cfg))
+    if ranked:
+        ranked.sort()
+        print(f"{model} best gemm tiles: " + ", ".join(f"{c} {ms:.4f} ms" for ms, c in ranked[:3]), flush=True)
+
+    # the whole op at the default tiles: forward (with / without the LayerNorm), backward (weights only)
+    for ln in (False, True):
+        a = (images, weight, bias, pos, None, None, 0.0, False, lnw if ln else None, lnb if ln else None, 1e-5, ln,
+             P, 1)
+        tag = "ln" if ln else "no-ln"
+        line(f"{model} op forward ({tag}, default tiles)", timed(lambda: k.patch_embed_fwd(*a), reps, trials), flops)
+        grad = torch.randn(B, 1 + NP, D, generator=g).to(dev, dt)
+        bwd = getattr(k, "patch_embed_bwd")
+        line(f"{model} op backward ({tag}, d_weight etc., no d_images)",
+             timed(lambda: bwd(grad, *a, False), reps, trials), flops * (2 if ln else 1))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=sorted(MODELS))
+    p.add_argument("--dtype", choices=sorted(DT), default="bf16")
+    p.add_argument("--configs", type=int, default=len(CONFIGS), help="how many of the tile configurations")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1")
+    args = p.parse_args()
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device (use --device cpu with TRITON_INTERPRET=1 for a smoke run)")
+    if dev.type == "cuda":
+        import triton
+
+        print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    for m in args.models:
+        study(m, args.batch, DT[args.dtype], dev, args.configs, args.reps, args.trials)
+
+
+if __name__ == "__main__":
+    main()
