@@ -175,7 +175,7 @@ def _c_string_define(name: str, text: str) -> str:
 # The extension
 # --------------------------------------------------------------------------------------------------
 CPU_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/diffusion_step.cpp", "csrc/cpu/contrastive.cpp",
-               "csrc/cpu/patch_embed.cpp"]
+               "csrc/cpu/patch_embed.cpp", "csrc/cpu/coattention.cpp"]
 CUDA_SOURCES = ["csrc/cuda/diffusion_step_cuda.cpp", "csrc/cuda/diffusion_step.cu"]
 CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-fno-math-errno"]
 NVCC_FLAGS = ["-O3", "-lineinfo", "-std=c++17", "-Xptxas=--warn-on-spills", "--threads=2"]

@@ -39,7 +39,8 @@ at::Tensor patch_embed_fwd_cpu(const at::Tensor& images, const at::Tensor& weigh
                                const c10::optional<at::Tensor>& pn_weight, const c10::optional<at::Tensor>& pn_bias,
                                double pn_eps, bool use_pn,
                                const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
-                               double ln_eps, bool use_ln, int64_t patch_size, int64_t prefix_tokens);
+                               double ln_eps, bool use_ln, int64_t patch_size, int64_t prefix_tokens,
+                               const c10::optional<at::Tensor>& x0_out);
 std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
            c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>>
 patch_embed_bwd_cpu(const at::Tensor& grad, const at::Tensor& images, const at::Tensor& weight,
@@ -47,7 +48,18 @@ patch_embed_bwd_cpu(const at::Tensor& grad, const at::Tensor& images, const at::
                     const c10::optional<at::Tensor>& pn_weight, const c10::optional<at::Tensor>& pn_bias,
                     double pn_eps, bool use_pn, const c10::optional<at::Tensor>& ln_weight,
                     const c10::optional<at::Tensor>& ln_bias, double ln_eps, bool use_ln, int64_t patch_size,
-                    int64_t prefix_tokens, bool need_images);
+                    int64_t prefix_tokens, bool need_images, const c10::optional<at::Tensor>& x0);
+// ViLBERT co-attention (csrc/cpu/coattention.cpp; contract: vlops/ops/coattention.py)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> co_attention_fwd_cpu(
+    const at::Tensor& tq, const at::Tensor& tk, const at::Tensor& tv, const at::Tensor& iq, const at::Tensor& ik,
+    const at::Tensor& iv, const at::Tensor& t_len, const at::Tensor& i_len, const c10::optional<at::Tensor>& t_mask,
+    const c10::optional<at::Tensor>& i_mask, double scale, int64_t mask_mode, double dropout_p, int64_t seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> co_attention_bwd_cpu(
+    const at::Tensor& t_dout, const at::Tensor& i_dout, const at::Tensor& tq, const at::Tensor& tk,
+    const at::Tensor& tv, const at::Tensor& iq, const at::Tensor& ik, const at::Tensor& iv, const at::Tensor& t_out,
+    const at::Tensor& i_out, const at::Tensor& t_lse, const at::Tensor& i_lse, const at::Tensor& t_len,
+    const at::Tensor& i_len, const c10::optional<at::Tensor>& t_mask, const c10::optional<at::Tensor>& i_mask,
+    double scale, int64_t mask_mode, double dropout_p, int64_t seed);
 }  // namespace cpu
 
 #ifdef VLOPS_WITH_CUDA
@@ -118,19 +130,43 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("patch_embed_fwd_cpu", &vlops::cpu::patch_embed_fwd_cpu, py::arg("images"), py::arg("weight"),
         py::arg("bias"), py::arg("pos"), py::arg("pn_weight"), py::arg("pn_bias"), py::arg("pn_eps"),
         py::arg("use_pn"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("ln_eps"), py::arg("use_ln"),
-        py::arg("patch_size"), py::arg("prefix_tokens"),
+        py::arg("patch_size"), py::arg("prefix_tokens"), py::arg("x0_out") = py::none(),
         "patch_embed_fwd_cpu(images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias, "
-        "ln_eps, use_ln, patch_size, prefix_tokens) -> out [B, R0 + Gh * Gw, D]: patches gathered tile by tile, "
-        "projected, + bias, LayerNorm (use_pn), + pos, LayerNorm (use_ln), written to rows R0.. (rows 0 .. R0 - 1 "
-        "are left unwritten).",
+        "ln_eps, use_ln, patch_size, prefix_tokens, x0_out=None) -> out [B, R0 + Gh * Gw, D]: patches gathered "
+        "tile by tile, projected, + bias, LayerNorm (use_pn), + pos, LayerNorm (use_ln), written to rows R0.. "
+        "(rows 0 .. R0 - 1 are left unwritten); x0_out [B * Gh * Gw, D] (compute dtype), when given, receives "
+        "the pre-norm rows W p + bias.",
         py::call_guard<py::gil_scoped_release>());
   m.def("patch_embed_bwd_cpu", &vlops::cpu::patch_embed_bwd_cpu, py::arg("grad"), py::arg("images"),
         py::arg("weight"), py::arg("bias"), py::arg("pos"), py::arg("pn_weight"), py::arg("pn_bias"),
         py::arg("pn_eps"), py::arg("use_pn"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("ln_eps"),
         py::arg("use_ln"), py::arg("patch_size"), py::arg("prefix_tokens"), py::arg("need_images"),
+        py::arg("x0") = py::none(),
         "patch_embed_bwd_cpu(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, "
-        "ln_bias, ln_eps, use_ln, patch_size, prefix_tokens, need_images) -> (d_images, d_weight, d_bias, d_pos, "
-        "d_pn_weight, d_pn_bias, d_ln_weight, d_ln_bias), compute dtype, None where the input is absent.",
+        "ln_bias, ln_eps, use_ln, patch_size, prefix_tokens, need_images, x0=None) -> (d_images, d_weight, d_bias, "
+        "d_pos, d_pn_weight, d_pn_bias, d_ln_weight, d_ln_bias), compute dtype, None where the input is absent; "
+        "x0: the forward's x0_out (read only; None: the GEMM is recomputed when a LayerNorm is on).",
+        py::call_guard<py::gil_scoped_release>());
+
+  // ViLBERT co-attention; the kernel contract is the docstring of vlops.ops.coattention.
+  m.def("co_attention_fwd_cpu", &vlops::cpu::co_attention_fwd_cpu, py::arg("tq"), py::arg("tk"), py::arg("tv"),
+        py::arg("iq"), py::arg("ik"), py::arg("iv"), py::arg("t_len"), py::arg("i_len"), py::arg("t_mask"),
+        py::arg("i_mask"), py::arg("scale"), py::arg("mask_mode"), py::arg("dropout_p"), py::arg("seed"),
+        "co_attention_fwd_cpu(tq, tk, tv, iq, ik, iv, t_len, i_len, t_mask, i_mask, scale, mask_mode, dropout_p, "
+        "seed) -> (t_out [B, Nt, H, d], i_out [B, Nv, H, d], t_lse [B, H, Nt], i_lse [B, H, Nv]): text queries "
+        "over image keys / values (dir 0) and image queries over text keys / values (dir 1), softmax(scale q.k) "
+        "over the valid keys (mode 0) or with the -10000 bias on the invalid ones (mode 1), Philox dropout; "
+        "tiled per (dir, b, h, query block), no score matrix stored.",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("co_attention_bwd_cpu", &vlops::cpu::co_attention_bwd_cpu, py::arg("t_dout"), py::arg("i_dout"),
+        py::arg("tq"), py::arg("tk"), py::arg("tv"), py::arg("iq"), py::arg("ik"), py::arg("iv"), py::arg("t_out"),
+        py::arg("i_out"), py::arg("t_lse"), py::arg("i_lse"), py::arg("t_len"), py::arg("i_len"),
+        py::arg("t_mask"), py::arg("i_mask"), py::arg("scale"), py::arg("mask_mode"), py::arg("dropout_p"),
+        py::arg("seed"),
+        "co_attention_bwd_cpu(t_dout, i_dout, tq, tk, tv, iq, ik, iv, t_out, i_out, t_lse, i_lse, t_len, i_len, "
+        "t_mask, i_mask, scale, mask_mode, dropout_p, seed) -> (d_tq, d_tk, d_tv, d_iq, d_ik, d_iv): P recomputed "
+        "from the saved lse, D = rowsum(dout * out), dV = (P Z)^T dout, dS = P (Z dout V^T - D), dQ = scale dS K, "
+        "dK = scale dS^T Q; each (dir, b, h) owns its gradients (no atomics, deterministic).",
         py::call_guard<py::gil_scoped_release>());
 
   // Introspection and test hooks of the CPU kernels.

@@ -42,6 +42,24 @@ def _store_rounded(ptrs, x, mask, F32_DOT: tl.constexpr):
     tl.store(ptrs, _round_to(x, dt, F32_DOT).to(dt), mask=mask)
 
 
+@triton.jit
+def _philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on uint32 tensors (counter c0..c3, key k0, k1); returns the four outputs, bit for bit
+    those of :func:`vlops.reference.diffusion.philox4x32`. The operands broadcast: scalars and tensors of
+    different (broadcastable) shapes may be mixed, the outputs taking the broadcast shape (the first round
+    then runs on the smaller shapes)."""
+    for _ in tl.static_range(10):
+        _c0 = c0
+        _c2 = c2
+        c0 = tl.umulhi(_c2, 0xCD9E8D57) ^ c1 ^ k0
+        c2 = tl.umulhi(_c0, 0xD2511F53) ^ c3 ^ k1
+        c1 = _c2 * 0xCD9E8D57
+        c3 = _c0 * 0xD2511F53
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
 def aot_signature(fn, constexprs: dict, typed_ptrs: dict, scalar_type) -> dict:
     """The ``triton.compile`` signature of ``@triton.jit`` ``fn`` for an AOT spec: "constexpr" for the
     names in ``constexprs``, ``typed_ptrs[name]`` (e.g. "*bf16") for those pointers, "*fp32" for every other

@@ -35,22 +35,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ._tl_common import _philox4x32_10
+
 __all__ = ["diffusion_step", "AOT_SPECS", "block_config"]
-
-
-@triton.jit
-def _philox4x32_10(c0, c1, c2, c3, k0, k1):
-    """Philox4x32-10 on uint32 tensors (counter c0..c3, key k0, k1); returns the four outputs."""
-    for _ in tl.static_range(10):
-        _c0 = c0
-        _c2 = c2
-        c0 = tl.umulhi(_c2, 0xCD9E8D57) ^ c1 ^ k0
-        c2 = tl.umulhi(_c0, 0xD2511F53) ^ c3 ^ k1
-        c1 = _c2 * 0xCD9E8D57
-        c3 = _c0 * 0xD2511F53
-        k0 = k0 + 0x9E3779B9
-        k1 = k1 + 0xBB67AE85
-    return c0, c1, c2, c3
 
 
 @triton.jit

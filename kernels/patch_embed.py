@@ -32,6 +32,10 @@ Design:
   in fp32 (biased variance, ``1 / sqrt_rn(var + eps)``) and stores the final rows rounded to the
   output dtype. For fp32 output the pre-norm rows are written into ``out`` itself (at their final
   rows) and normalised in place; for 16-bit output they go to an fp32 scratch ``[B Gh Gw, D]``.
+  When the caller passes ``x0_out`` (the op layer does when a LayerNorm is on and a backward will
+  run), the pre-norm rows go there instead, for any output dtype, and the row kernel reads them
+  from there: the backward then reuses them rather than re-running the GEMM. (Given without a
+  LayerNorm, the GEMM stores x0 there and the row kernel only adds pos and rounds.)
 
 Loads (sm_90a AOT study, see AOT_SPECS): with NCHW images whose strides and base are 16-byte aligned
 (224 / 336 / 384 px) and no padding, both tiles go global -> shared by ``cp.async`` (3 stages): 16-byte
@@ -42,11 +46,14 @@ spills at the default tiles); fp32 A tiles always go by ``cp.async`` (4-byte pie
 ``D % 16 != 0`` makes every epilogue access scalar: 64 x 64 tiles then (see :func:`block_config`).
 
 Memory: no workspace when no LayerNorm is on, or for fp32 output. With a LayerNorm and 16-bit output
-the scratch is ``4 B Gh Gw D`` bytes (224 px, B = 256: ViT-B/16 154 MB, ViT-L/14 268 MB). Traffic:
+the scratch is ``4 B Gh Gw D`` bytes (224 px, B = 256: ViT-B/16 154 MB, ViT-L/14 268 MB); with
+``x0_out`` given there is no scratch: the caller's ``x0_out`` (the same ``4 B Gh Gw D`` bytes, which the
+op layer keeps until the backward) takes its place. Traffic:
 with a LayerNorm the rows cross memory ``8 B Gh Gw D`` bytes more than in the one pass (16-bit: the
 GEMM stores 4 bytes instead of 2, the norm pass reads 4 and stores 2; fp32: the norm pass reads and
 stores 4 in place): 308 MB for ViT-B/16, B = 256, a floor of ~0.08 ms at 4 TB/s, next to the 59
-GFLOP GEMM (~0.1 ms at 600 TFLOP/s). Estimates, not measurements.
+GFLOP GEMM (~0.1 ms at 600 TFLOP/s). Estimates, not measurements. ``x0_out`` changes none of this
+with a LayerNorm on (the same bytes, to another address).
 
 Numerics: fp32 accumulation for every input dtype, the token kept in fp32 until the final store,
 rounded once to nearest even (under the interpreter bf16 rounding is done on the bits: its fp32 ->
@@ -55,13 +62,17 @@ bf16 cast truncates; see ``_round_to``). Under ``TRITON_INTERPRET=1`` the dots a
 of bf16 tensors). Element offsets of ``out``, the scratch and the image batch term are int64
 (``B T D`` may exceed 2**31); offsets within one image are 32-bit unless a stride needs 64.
 
-Backward (:func:`patch_embed_bwd`, the backward contract of :mod:`vlops.ops.patch_embed`), four launches:
+Backward (:func:`patch_embed_bwd`, the backward contract of :mod:`vlops.ops.patch_embed`), up to four launches:
 
-1. (only when a LayerNorm is on) ``_patch_gemm_kernel`` recomputes ``x0 = W p + bias`` in fp32 into a scratch
-   ``g0`` [B Gh Gw, D] (tf32x3 / 16-bit dots as in the forward).
+1. (only when a LayerNorm is on and the forward's rows ``x0`` are not passed in) ``_patch_gemm_kernel``
+   recomputes ``x0 = W p + bias`` in fp32 into the scratch ``g0`` [B Gh Gw, D] (tf32x3 / 16-bit dots as in
+   the forward). With ``x0`` given (the op layer's path whenever a LayerNorm is on) this launch, a whole
+   ``2 B Gh Gw K D``-flop GEMM, is skipped.
 2. ``_patch_norm_bwd_kernel``: program (patch-row block of ``ROWS``, chunk of ``BCHUNK`` images, images in
-   order) recomputes LN1 / + pos / LN2 statistics of its rows in fp32, runs the LN2 and LN1 backwards and
-   writes ``g0`` = the gradient of x0 in place; per-program partial sums (fixed order, no atomics) of
+   order) reads x0 (``x0``, read only, or the recomputed rows in ``g0``), recomputes LN1 / + pos / LN2
+   statistics of its rows in fp32, runs the LN2 and LN1 backwards and writes ``g0`` = the gradient of x0
+   (over the recomputed x0 in place, or into the scratch when ``x0`` is given); per-program partial sums
+   (fixed order, no atomics) of
    d_bias, d_pn_*, d_ln_* ([5, programs, D]) and of d_pos per image chunk ([chunks, Gh Gw, D]), then summed
    by torch over the programs (deterministic).
 3. ``_patch_dweight_kernel``: d_weight [D, K] = g0^T p, an implicit GEMM gathering the patch tiles from the
@@ -72,11 +83,13 @@ Backward (:func:`patch_embed_bwd`, the backward contract of :mod:`vlops.ops.patc
    padding pixels dropped).
 
 For 16-bit inputs g0 is rounded to the input dtype as a dot operand (as flash attention rounds P), the
-products exact in fp32, fp32 accumulation; fp32 uses tf32x3. Memory (first version, beyond what the contract
-asks): the fp32 ``g0`` [B Gh Gw, D] (ViT-B/16, 224 px, B = 256: 154 MB; ViT-L/14: 205 MB), the d_weight
-partials ``4 splits D K`` bytes (ViT-B/16: ~8 x 2.4 MB) and the row-kernel partials (~1024 x 5 x D floats,
-plus chunks x Gh Gw x D for d_pos). No [B Gh Gw, K] buffer. Not yet done: fusing the row kernel into the
-recompute GEMM's epilogue (needs a whole D row per program) to drop the x0 round trip.
+products exact in fp32, fp32 accumulation; fp32 uses tf32x3. Memory (beyond what the contract asks): the
+fp32 ``g0`` [B Gh Gw, D] (ViT-B/16, 224 px, B = 256: 154 MB; ViT-L/14: 268 MB), the d_weight partials
+``4 splits D K`` bytes (ViT-B/16: ~8 x 2.4 MB) and the row-kernel partials (~1024 x 5 x D floats, plus
+chunks x Gh Gw x D for d_pos). No [B Gh Gw, K] buffer. With ``x0`` given, ``g0`` is a separate buffer
+from it (the saved rows are never written), so while the backward runs both exist: the caller's ``x0``
+(held since the forward) and ``g0``. Not yet done: writing g0 over ``x0`` when the caller gives it up
+(it is not needed after step 2), and fusing the d_weight / d_images GEMMs' prologue with the row kernel.
 
 Checked only by the interpreter (tests/test_patch_embed_triton.py) and the sm_90a AOT compile
 (tests/test_aot_sm90.py: wgmma, no spills, shared memory); tile sizes are starting points, not tuned
@@ -222,15 +235,17 @@ def _ln_stats(x, md, mask, D, eps):
 
 
 @triton.jit
-def _patch_norm_bwd_kernel(grad_ptr, g0_ptr, pos_ptr, pn_w_ptr, pn_b_ptr, ln_w_ptr, ln_b_ptr, part_ptr, dpos_ptr,
+def _patch_norm_bwd_kernel(grad_ptr, x0_ptr, g0_ptr, pos_ptr, pn_w_ptr, pn_b_ptr, ln_w_ptr, ln_b_ptr, part_ptr,
+                           dpos_ptr,
                            B, D, NP, T, R0, BCHUNK, NPROG, pn_eps, ln_eps,
                            USE_PN: tl.constexpr, PN_W: tl.constexpr, PN_B: tl.constexpr, HAS_POS: tl.constexpr,
                            USE_LN: tl.constexpr, LN_W: tl.constexpr, LN_B: tl.constexpr,
                            ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (pid_n, pid_b): patches n in [pid_n ROWS, + ROWS) of images b in [pid_b BCHUNK, + BCHUNK), b in
-    order. Per row m = b NP + n: g = grad[b T + R0 + n] (fp32); when a LayerNorm is on, x0 = g0[m] (the
-    recomputed x0 = W p + bias) and the forward's LN1 / + pos / LN2 statistics are recomputed; LN2 backward, LN1
-    backward; g0[m] = the gradient of x0 (in place over x0). Partial sums of the program (fixed order, no
+    order. Per row m = b NP + n: g = grad[b T + R0 + n] (fp32); when a LayerNorm is on, x0 = x0_ptr[m] (the
+    forward's saved rows or the recomputed x0 = W p + bias) and the forward's LN1 / + pos / LN2 statistics are
+    recomputed; LN2 backward, LN1 backward; g0[m] = the gradient of x0 (x0_ptr may be g0_ptr: each row is read
+    before it is written, by the same program; otherwise x0 is only read). Partial sums of the program (fixed order, no
     atomics), part[j, pid, :] for j = 0 d_bias, 1 d_pn_weight, 2 d_pn_bias, 3 d_ln_weight, 4 d_ln_bias
     (pid = pid_b * num_n + pid_n, NPROG programs), and dpos[pid_b, n] = sum over the program's b of the
     gradient at the position add."""
@@ -256,7 +271,7 @@ def _patch_norm_bwd_kernel(grad_ptr, g0_ptr, pos_ptr, pn_w_ptr, pn_b_ptr, ln_w_p
         g = tl.load(grad_ptr + g_row[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         x_row = (b64 * NP + n) * D
         if NORM:
-            x = tl.load(g0_ptr + x_row[:, None] + d[None, :], mask=mask, other=0.0)
+            x = tl.load(x0_ptr + x_row[:, None] + d[None, :], mask=mask, other=0.0)
             if USE_PN:
                 xh1, rs1 = _ln_stats(x, md, mask, D, pn_eps)
                 x = xh1
@@ -491,6 +506,20 @@ def _validate(images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_
     return B, C, H, W, D, K, P, R0, Gh, Gw
 
 
+def _check_x0(name, x0, images, M, D):
+    """``x0_out`` / ``x0``: None or a contiguous fp32 [M = B Gh Gw, D] tensor on the device of images."""
+    import torch
+
+    if x0 is None:
+        return
+    _check(isinstance(x0, torch.Tensor) and tuple(x0.shape) == (M, D) and x0.dtype == torch.float32
+           and x0.device == images.device and x0.is_contiguous(),
+           f"{name} must be None or a contiguous float32 tensor of shape {(M, D)} ([B * Gh * Gw, D]) on "
+           f"{images.device}, got " + (f"{x0.dtype} {tuple(x0.shape)} on {x0.device}"
+                                      + ("" if x0.is_contiguous() else ", not contiguous")
+                                      if isinstance(x0, torch.Tensor) else type(x0).__name__))
+
+
 def _cfg(kind, element_size, D, blocks):
     cfg = block_config(kind, element_size, D)
     if blocks:
@@ -506,15 +535,18 @@ def _cfg(kind, element_size, D, blocks):
 # launcher (kernel contract of vlops.ops.patch_embed)
 
 def patch_embed_fwd(images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias, ln_eps,
-                    use_ln, patch_size, prefix_tokens, *, out=None, blocks=None):
+                    use_ln, patch_size, prefix_tokens, x0_out=None, *, out=None, blocks=None):
     """out [B, R0 + Gh * Gw, D] in images' dtype, rows R0.. written (see the module docstring and the
-    contract in vlops/ops/patch_embed.py). Keyword-only (tests, tuning, the op layer): ``out`` a
-    preallocated contiguous output to write into (returned); ``blocks`` tile overrides (BLOCK_M,
+    contract in vlops/ops/patch_embed.py). ``x0_out``: None or a contiguous fp32 [B Gh Gw, D] that receives
+    the pre-norm rows W p + bias (with a LayerNorm on they are staged there instead of in a scratch or in
+    ``out``: no extra traffic; without one a second pass adds pos and rounds). Keyword-only (tests, tuning):
+    ``out`` a preallocated contiguous output to write into (returned); ``blocks`` tile overrides (BLOCK_M,
     BLOCK_N, BLOCK_K, num_warps, num_stages of the GEMM; ROWS of the norm kernel; powers of 2)."""
     import torch
 
     B, C, H, W, D, K, P, R0, Gh, Gw = _validate(images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn,
                                                 ln_weight, ln_bias, ln_eps, use_ln, patch_size, prefix_tokens, out)
+    _check_x0("x0_out", x0_out, images, B * Gh * Gw, D)
     cfg = _cfg("gemm", images.element_size(), D, blocks)
     ncfg = _cfg("norm", 4, D, {k: v for k, v in (blocks or {}).items() if k == "ROWS"})
     NP = Gh * Gw
@@ -525,10 +557,13 @@ def patch_embed_fwd(images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_p
     if M == 0:
         return out
     norm = use_pn or use_ln
-    if not norm or images.dtype == torch.float32:
+    if x0_out is not None:  # the pre-norm rows go to the caller's x0_out, the row kernel finishes them
+        stage, XT, XR0 = x0_out, NP, 0
+    elif not norm or images.dtype == torch.float32:
         stage, XT, XR0 = out, T, R0  # final rows, or fp32 pre-norm rows normalised in place
     else:
         stage, XT, XR0 = torch.empty(M, D, dtype=torch.float32, device=images.device), NP, 0
+    two_pass = norm or x0_out is not None
     opt = lambda t: stage if t is None else t  # noqa: E731 - stands in for an absent pointer (never read)
     s_b, s_c, s_h, s_w = images.stride()
 
@@ -537,10 +572,10 @@ def patch_embed_fwd(images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_p
         _patch_gemm_kernel[grid](
             images, weight, opt(bias), opt(pos), stage,
             M, D, C, H, W, NP, Gw, s_b, s_c, s_h, s_w, XT, XR0,
-            P=P, PAD=(H % P != 0 or W % P != 0), HAS_BIAS=bias is not None, ADD_POS=pos is not None and not norm,
+            P=P, PAD=(H % P != 0 or W % P != 0), HAS_BIAS=bias is not None, ADD_POS=pos is not None and not two_pass,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], F32_DOT=_INTERPRETED,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        if norm:
+        if two_pass:
             _patch_norm_kernel[(triton.cdiv(M, ncfg["ROWS"]),)](
                 stage, opt(pos), opt(pn_weight), opt(pn_bias), opt(ln_weight), opt(ln_bias), out,
                 M, D, NP, XT, XR0, T, R0, float(pn_eps), float(ln_eps),
@@ -570,10 +605,12 @@ def _validate_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps, u
 
 
 def patch_embed_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias, ln_eps,
-                    use_ln, patch_size, prefix_tokens, need_images, *, blocks=None):
+                    use_ln, patch_size, prefix_tokens, need_images, x0=None, *, blocks=None):
     """(d_images, d_weight, d_bias, d_pos, d_pn_weight, d_pn_bias, d_ln_weight, d_ln_bias), float32 and
     contiguous, None for an absent input (see the backward contract in vlops/ops/patch_embed.py and
-    "Backward" in the module docstring). ``blocks``: tile overrides as for :func:`patch_embed_fwd` (BLOCK_M,
+    "Backward" in the module docstring). ``x0``: None or the forward's ``x0_out`` (fp32 [B Gh Gw, D], read
+    only): with a LayerNorm on, the recompute GEMM is skipped. ``blocks``: tile overrides as for
+    :func:`patch_embed_fwd` (BLOCK_M,
     BLOCK_N, BLOCK_K, num_warps, num_stages of the GEMMs, ROWS of the row kernel) plus ``BCHUNK`` (images per
     row-kernel program) and ``SPLIT_M`` (token rows per d_weight split, a multiple of BLOCK_M)."""
     import torch
@@ -581,6 +618,7 @@ def patch_embed_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps,
     B, C, H, W, D, K, P, R0, Gh, Gw = _validate_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps,
                                                     use_pn, ln_weight, ln_bias, ln_eps, use_ln, patch_size,
                                                     prefix_tokens, need_images)
+    _check_x0("x0", x0, images, B * Gh * Gw, D)
     blocks = dict(blocks or {})
     bchunk = blocks.pop("BCHUNK", None)
     split_m = blocks.pop("SPLIT_M", None)
@@ -600,7 +638,8 @@ def patch_embed_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps,
         return (torch.zeros(B, C, H, W, **f32) if need_images else None, torch.zeros(D, K, **f32), z(bias), z(pos),
                 z(pn_weight) if use_pn else None, z(pn_bias) if use_pn else None,
                 z(ln_weight) if use_ln else None, z(ln_bias) if use_ln else None)
-    g0 = torch.empty(M, D, **f32)  # x0 (when a LayerNorm is on), then the gradient of x0, in place
+    g0 = torch.empty(M, D, **f32)  # the gradient of x0 (recomputed x0 first, when a LayerNorm is on and x0 is None)
+    x0_in = x0 if norm and x0 is not None else g0
     opt = lambda t: g0 if t is None else t  # noqa: E731 - stands in for an absent pointer (never read)
     s_b, s_c, s_h, s_w = images.stride()
     PAD = H % P != 0 or W % P != 0
@@ -628,13 +667,13 @@ def patch_embed_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps,
                         F32_DOT=_INTERPRETED, num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     with torch.cuda.device(dev) if images.is_cuda else contextlib.nullcontext():
-        if norm:  # x0 = W p + bias, fp32
+        if norm and x0 is None:  # x0 = W p + bias, fp32, recomputed into g0
             _patch_gemm_kernel[(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]),)](
                 images, weight, opt(bias), g0, g0,
                 M, D, C, H, W, NP, Gw, s_b, s_c, s_h, s_w, NP, 0,
                 P=P, PAD=PAD, HAS_BIAS=bias is not None, ADD_POS=False, **kw(cfg))
         _patch_norm_bwd_kernel[(n_prog_n, n_prog_b)](
-            grad, g0, opt(pos), opt(pn_weight), opt(pn_bias), opt(ln_weight), opt(ln_bias), part,
+            grad, x0_in, g0, opt(pos), opt(pn_weight), opt(pn_bias), opt(ln_weight), opt(ln_bias), part,
             g0 if dpos_part is None else dpos_part,
             B, D, NP, T, R0, bchunk, nprog, float(pn_eps), float(ln_eps),
             USE_PN=use_pn, PN_W=pn_weight is not None, PN_B=pn_bias is not None, HAS_POS=pos is not None,

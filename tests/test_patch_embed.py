@@ -178,9 +178,108 @@ def test_opcheck_and_compile(backend, device):
                                                    ln_w, ln_b, 1e-5, True))
         torch.library.opcheck(ops.patch_embed_op, (x, a["weight"], None, None, None, None, None, 0.0, False,
                                                    None, None, 0.0, False))
+        # with the pre-norm rows saved for the backward (a second, non-differentiable output)
+        torch.library.opcheck(ops.patch_embed_op, (x, a["weight"], a["bias"], prefix, pos, pn_w, pn_b, 1e-6, True,
+                                                   ln_w, ln_b, 1e-5, True, True))
+        torch.library.opcheck(ops.patch_embed_op, (x, a["weight"], a["bias"], None, pos, None, None, 0.0, False,
+                                                   None, None, 1e-5, True, True))
         eager = vlops.patch_embed(x, **a, **opts)
         compiled = torch.compile(lambda t: vlops.patch_embed(t, **a, **opts), fullgraph=True)(x)
+        g = torch.randn_like(eager)
+        ts = [x] + _tensors(a)
+        g_eager = torch.autograd.grad(eager, ts, g)
+        g_compiled = torch.autograd.grad(compiled, ts, g)
     assert torch.allclose(compiled, eager, rtol=1e-6, atol=1e-6)
+    for ge, gc in zip(g_eager, g_compiled):
+        assert rel_err(gc, ge) <= 1e-6
+
+
+class _KernelSpy:
+    """Wraps the op layer's kernel lookups (vlops.ops.patch_embed._kernel / _bwd_kernel) and records the
+    x0_out the forward kernel gets, and the x0 the backward kernel gets with its values before and after."""
+
+    def __init__(self, monkeypatch):
+        self.fwd, self.bwd = [], []
+        real_fwd, real_bwd = ops._kernel, ops._bwd_kernel
+
+        def fwd(device):
+            fn = real_fwd(device)
+
+            def run(*args):
+                self.fwd.append(args[14] if len(args) > 14 else None)
+                return fn(*args)
+            return run
+
+        def bwd(device):
+            fn = real_bwd(device)
+
+            def run(*args):
+                x0 = args[16] if len(args) > 16 else None
+                before = None if x0 is None else x0.clone()
+                out = fn(*args)
+                self.bwd.append((x0, before, None if x0 is None else x0.clone()))
+                return out
+            return run
+
+        monkeypatch.setattr(ops, "_kernel", fwd)
+        monkeypatch.setattr(ops, "_bwd_kernel", bwd)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_backward_reuses_the_saved_prenorm_rows(backend, device, monkeypatch):
+    """With grad on and a LayerNorm on, the forward kernel fills an x0_out buffer (W p + bias) and the
+    backward kernel gets that very tensor as x0, so it does not run the projection GEMM again; the backward
+    leaves it unmodified and the gradients equal those of the recompute path. Without a gradient to come, or
+    without a LayerNorm, nothing is saved (x0_out and x0 None). The public function returns the tokens only."""
+    _require(backend, device)
+    spy = _KernelSpy(monkeypatch)
+    images, params, kw, norms, opts = _stem(B=2, H=16, W=24, P=8, D=40, nreg=1, pn=True, device=device)
+    a = _leaves(params, kw, norms, torch.float32)
+    with vlops.use_backend(backend):
+        out, grads, g = _run(vlops.patch_embed, images, {**a, **opts})
+        assert isinstance(out, torch.Tensor) and out.shape == (2, 2 + 6, 40)
+        assert len(spy.fwd) == 1 and len(spy.bwd) == 1
+        x0_out = spy.fwd[0]
+        x0, before, after = spy.bwd[0]
+        assert x0_out is not None and x0_out.shape == (2 * 6, 40) and x0_out.dtype == torch.float32
+        assert x0 is not None and x0.data_ptr() == x0_out.data_ptr(), "the backward did not get the saved rows"
+        assert torch.equal(before, after), "the backward modified the saved rows"
+        w = a["weight"].detach().reshape(40, -1).double()
+        patches = images.double().reshape(2, 3, 2, 8, 3, 8).permute(0, 2, 4, 1, 3, 5).reshape(12, -1)
+        assert rel_err(before, patches @ w.T + a["bias"].detach().double()) <= 1e-6
+
+        # the op directly: save_x0 False (recompute) gives the same gradients; x0 is not differentiable
+        x = images.detach().clone().requires_grad_()
+        pn_w, pn_b, pn_eps = a["patch_norm"]
+        ln_w, ln_b, ln_eps = a["ln"]
+        pos = a["pos_embed"][0, 2:]
+        prefix = torch.zeros(2, 40, device=device)
+        res = {}
+        for save in (True, False):
+            o, x0s = ops.patch_embed_op(x, a["weight"], a["bias"], prefix, pos, pn_w, pn_b, pn_eps, True, ln_w, ln_b,
+                                        ln_eps, True, save)
+            assert not x0s.requires_grad
+            assert x0s.shape == ((12, 40) if save else (0,))
+            ts = [x, a["weight"], a["bias"], pn_w, pn_b, ln_w, ln_b]
+            res[save] = torch.autograd.grad(o, ts, g.to(o))
+        assert spy.bwd[-2][0] is not None and spy.bwd[-1][0] is None
+        for s, r in zip(res[True], res[False]):
+            assert rel_err(s, r) <= 1e-6
+
+        spy.fwd.clear()
+        with torch.no_grad():
+            vlops.patch_embed(images, **a, **opts)
+        frozen = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in a.items()}  # grad on, none required
+        for k in ("patch_norm", "ln"):
+            frozen[k] = tuple(t.detach() if torch.is_tensor(t) else t for t in a[k])
+        vlops.patch_embed(images, **frozen, **opts)
+        assert spy.fwd == [None, None], "x0 saved though no gradient will be computed"
+
+        spy.fwd.clear()
+        spy.bwd.clear()
+        no_norm = {k: v for k, v in a.items() if k not in ("patch_norm", "ln")}
+        _run(vlops.patch_embed, images, {**no_norm, **opts})
+        assert spy.fwd == [None] and len(spy.bwd) == 1 and spy.bwd[0][0] is None, "x0 saved without a LayerNorm"
 
 
 # ------------------------------------------------------------------ the anchors, through the fused op

@@ -311,3 +311,131 @@ def test_bad_inputs_raise():
     for name, val in bad:
         with pytest.raises((RuntimeError, ValueError), match=name):
             call(dict(a, **{name: val}))
+
+
+# ------------------------------------------------------------------ the forward's saved pre-norm rows (x0)
+# The forward fills x0_out with x0 = W p + bias (compute dtype, [B Gh Gw, D]); the backward given those rows
+# takes the LayerNorm statistics from them instead of re-running the GEMM.
+
+X0_TOL = {torch.float64: 1e-10}  # x0 holds exact 16-bit products accumulated in fp32: the fp32 bound for them
+SAME_TOL = {torch.float64: 1e-13}  # saved vs recompute path: the two GEMMs may round differently (BLAS)
+
+
+def fwd_x0(a, images=None):
+    """The forward (contract arguments of `a`, images replaced by `images` if given) with x0_out, a
+    NaN-poisoned [B Gh Gw, D] buffer passed positionally; returns (out, x0)."""
+    img = a["images"] if images is None else images
+    B, _, H, W = img.shape
+    P, D = a["patch_size"], a["weight"].shape[0]
+    x0 = torch.full((B * (-(-H // P)) * (-(-W // P)), D), float("nan"), dtype=_cdt(img.dtype))
+    out = _C.patch_embed_fwd_cpu(img, *[a[k] for k in ARG_NAMES[2:15]], x0)
+    return out, x0
+
+
+def x0_ref(a):
+    """float64 pre-norm rows W p + bias, [B Gh Gw, D]."""
+    x = a["images"].double()
+    B, C, H, W = x.shape
+    P = a["patch_size"]
+    Gh, Gw = -(-H // P), -(-W // P)
+    xp = F.pad(x, (0, Gw * P - W, 0, Gh * P - H))
+    e = xp.reshape(B, C, Gh, P, Gw, P).permute(0, 2, 4, 1, 3, 5).reshape(B * Gh * Gw, -1) @ a["weight"].double().T
+    return e if a["bias"] is None else e + a["bias"].double()
+
+
+X0_COMBOS = [  # (bias, pos, pn, ln)
+    (True, True, None, (True, True)),     # open_clip ln_pre
+    (True, True, (True, True), (True, True)),  # timm PatchEmbed norm + norm_pre
+    (False, False, (False, True), None),  # patch norm only
+    (True, False, None, (False, False)),  # LayerNorm without affine
+    (True, True, None, None),             # no LayerNorm: x0_out still filled, the backward ignores x0
+]
+X0_IDS = ["ln", "pn_ln", "pn_only", "ln_plain", "no_norm"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("combo", X0_COMBOS, ids=X0_IDS)
+@pytest.mark.parametrize("bm", [None, 5, 64], ids=["bm_default", "bm5", "bm64"])
+def test_forward_x0_out(monkeypatch, bm, combo, dtype):
+    """x0_out receives W p + bias for every row (the poison is gone), and the tokens are the same bits as
+    without it (tiles within one image, whole images per tile, one tile per image)."""
+    if bm is not None:
+        monkeypatch.setenv(BM_ENV, str(bm))
+    bias, pos, pn, ln = combo
+    for B, H, W, P, prefix in ((3, 24, 40, 8, 1), (2, 30, 45, 16, 0)):
+        a = make_case(B, 3, H, W, P, 40, dtype, "x0_fwd", bm, X0_IDS[X0_COMBOS.index(combo)], prefix, bias=bias,
+                      pos=pos, pn=pn, ln=ln, prefix=prefix)
+        plain = _C.patch_embed_fwd_cpu(*[a[k] for k in ARG_NAMES[1:15]])
+        out, x0 = fwd_x0(a)
+        R0 = a["prefix_tokens"]
+        assert torch.equal(out[:, R0:], plain[:, R0:]), "x0_out changed the tokens"
+        assert x0.dtype == _cdt(dtype) and torch.isfinite(x0).all(), "x0_out not fully written"
+        err = relerr(x0, x0_ref(a))
+        assert err <= X0_TOL.get(dtype, 1e-5), f"x0_out: relative error {err:.3e}; seed {SEED_BASE}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("combo", X0_COMBOS, ids=X0_IDS)
+@pytest.mark.parametrize("bm", [None, 7], ids=["bm_default", "bm7"])
+def test_saved_x0_backward(monkeypatch, bm, combo, dtype):
+    """The backward given the forward's x0: every gradient within the float64 bound, the gradients of the
+    recompute path (x0=None) up to the GEMMs' rounding, and x0 itself not modified."""
+    if bm is not None:
+        monkeypatch.setenv(BM_ENV, str(bm))
+    bias, pos, pn, ln = combo
+    a = make_case(3, 3, 30, 45, 8, 48, dtype, "x0_bwd", bm, X0_IDS[X0_COMBOS.index(combo)], bias=bias, pos=pos,
+                  pn=pn, ln=ln, prefix=2)
+    _, x0 = fwd_x0(a)
+    kept = x0.clone()
+    saved = check(a, _C.patch_embed_bwd_cpu(*[a[k] for k in ARG_NAMES], x0))
+    assert torch.equal(x0, kept), "the backward modified x0"
+    recomputed = call(a)
+    for name, s, r in zip(OUT_NAMES, saved, recomputed):
+        assert (s is None) == (r is None), name
+        if s is not None:
+            err = relerr(s, r)
+            assert err <= SAME_TOL.get(dtype, 1e-6), f"d_{name}: saved vs recompute differ by {err:.3e}"
+    kw = _C.patch_embed_bwd_cpu(**a, x0=x0)  # by keyword too
+    for s, k in zip(saved, kw):
+        assert (s is None and k is None) or torch.equal(s, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_saved_x0_is_used(dtype):
+    """With the images A and the saved x0 of other images B, the gradients that depend only on grad and x0
+    (d_bias, d_pos, d_pn_*, d_ln_*) are those of B's own saved-x0 backward, bit for bit, and those that
+    depend on x0 differ from A's: the backward reads x0 and does not recompute it."""
+    a = make_case(2, 3, 32, 48, 16, 40, dtype, "x0_used")
+    img_b = torch.randn(a["images"].shape, generator=_gen("x0_used_b", str(dtype)), dtype=torch.float64).to(dtype)
+    _, x0_b = fwd_x0(a, img_b)
+    mixed = _C.patch_embed_bwd_cpu(*[a[k] for k in ARG_NAMES], x0_b)
+    of_b = _C.patch_embed_bwd_cpu(*[dict(a, images=img_b)[k] for k in ARG_NAMES], x0_b)
+    of_a = call(a)
+    for i in range(2, 8):
+        assert torch.equal(mixed[i], of_b[i]), f"d_{OUT_NAMES[i]}"
+    for i in range(2, 7):  # d_ln_bias is the sum of grad, whatever x0
+        assert not torch.equal(mixed[i], of_a[i]), f"d_{OUT_NAMES[i]} did not change with x0"
+
+
+def test_x0_not_read_without_layernorm():
+    """With both LayerNorms off x0 is not needed: a NaN x0 changes nothing."""
+    a = make_case(2, 3, 32, 48, 16, 40, torch.float32, "x0_nonorm", pn=None, ln=None)
+    nan = torch.full((2 * 6, 40), float("nan"))
+    for s, r in zip(_C.patch_embed_bwd_cpu(*[a[k] for k in ARG_NAMES], nan), call(a)):
+        assert (s is None and r is None) or torch.equal(s, r)
+
+
+def test_x0_bad_inputs_raise():
+    a = make_case(2, 3, 32, 32, 16, 24, torch.float32, "x0_bad")
+    M, D = 2 * 4, 24
+    fwd = [a[k] for k in ARG_NAMES[1:15]]
+    bad = [torch.zeros(M, D + 1), torch.zeros(M + 1, D), torch.zeros(M, D, dtype=torch.float64),
+           torch.zeros(M, D, dtype=torch.bfloat16), torch.zeros(D, M).T, torch.zeros(M * D)]
+    for t in bad:
+        with pytest.raises((RuntimeError, ValueError), match="x0_out"):
+            _C.patch_embed_fwd_cpu(*fwd, t)
+        with pytest.raises((RuntimeError, ValueError), match="x0"):
+            _C.patch_embed_bwd_cpu(*[a[k] for k in ARG_NAMES], t)
+    b = make_case(2, 3, 32, 32, 16, 24, torch.float64, "x0_bad64")  # fp64 images: fp64 rows
+    with pytest.raises((RuntimeError, ValueError), match="x0_out"):
+        _C.patch_embed_fwd_cpu(*[b[k] for k in ARG_NAMES[1:15]], torch.zeros(M, D))

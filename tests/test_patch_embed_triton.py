@@ -17,8 +17,13 @@ Bounds, relative error ``||out - ref|| / ||ref||``: fp32 1e-5 (interpreter: exac
 tf32x3), bf16 / fp16 1e-2 and at most twice the error of the float64 result rounded to that dtype.
 Also checked: rows ``0 .. R0 - 1`` still NaN (unwritten), inputs unchanged, a strided image giving
 bit-for-bit the result of its contiguous copy, and bad arguments raising ValueError naming the
-argument. The compiled-for-Hopper check (wgmma, no spills, shared memory) is tests/test_aot_sm90.py,
-which collects ``kernels/patch_embed.py``'s ``AOT_SPECS``.
+argument. Every forward case runs a second time with ``x0_out`` (a NaN-poisoned fp32 [B Gh Gw, D]):
+the tokens must be the same bits and ``x0_out`` the float64 pre-norm rows W p + bias within 1e-5.
+Every backward case with a LayerNorm on runs a second time with the forward's saved ``x0`` (the path
+that skips the recompute GEMM): each gradient within the bound of float64, the same bits as the
+recompute path (the same GEMM kernel made both x0), and ``x0`` left unmodified. The compiled-for-Hopper
+check (wgmma, no spills, shared memory) is tests/test_aot_sm90.py, which collects
+``kernels/patch_embed.py``'s ``AOT_SPECS``.
 """
 from __future__ import annotations
 
@@ -282,6 +287,13 @@ def _run_case(torch, k, c, gen, device):
     res["err_rounded"] = _rel(torch, ref.to(dt), ref)  # the float64 result rounded to the dtype
     if c["layout"] != "contig":
         res["same_as_contiguous"] = bool(torch.equal(launch(img_c)[:, R0:], rows))
+    # again with x0_out (positional, after prefix_tokens): the same tokens, and the pre-norm rows W p + bias
+    x0 = torch.full((B * Gh * Gw, D), float("nan"), dtype=torch.float32, device=device)
+    o = torch.full((B, T, D), float("nan"), dtype=dt, device=device)
+    out2 = k.patch_embed_fwd(img, *args, x0, out=o, blocks=c["blocks"])
+    res["x0_same_out"] = bool(torch.equal(out2[:, R0:], rows))
+    res["x0_nonfinite"] = int((~torch.isfinite(x0)).sum())
+    res["x0_err"] = _rel(torch, x0, _reference(torch, img, weight, bias, None, None, None, P).reshape(-1, D))
     return res
 
 
@@ -351,7 +363,47 @@ def _run_bwd_case(torch, k, c, gen, device):
     if c["layout"] != "contig" or c["twice"]:
         again = k.patch_embed_bwd(grad, img_c if c["layout"] != "contig" else img, *args, blocks=c["blocks"])
         res["same_as_contiguous"] = all((a is None and b is None) or torch.equal(a, b) for a, b in zip(outs, again))
+    if pn is not None or ln is not None:  # the saved-x0 path: x0 from the forward, no recompute GEMM
+        x0 = torch.full((B * Gh * Gw, D), float("nan"), dtype=torch.float32, device=device)
+        k.patch_embed_fwd(img, *args[:-1], x0, blocks=c["blocks"])
+        x0_before = x0.clone()
+        saved = k.patch_embed_bwd(grad, img, *args, x0, blocks=c["blocks"])
+        res["x0_unchanged"] = bool(torch.equal(x0, x0_before))
+        res["saved_same_bits"] = all((a is None and b is None)
+                                     or (a is not None and b is not None and torch.equal(a, b))
+                                     for a, b in zip(outs, saved))
+        res["saved_outputs"] = {}
+        for name, o, r in zip(BWD_NAMES, saved, refs):
+            if r is None:
+                res["saved_outputs"][name] = {"none_ok": o is None}
+            elif o is None:
+                res["saved_outputs"][name] = {"none_ok": False}
+            else:
+                res["saved_outputs"][name] = {"none_ok": True, "nonfinite": int((~torch.isfinite(o)).sum()),
+                                              "err": _rel(torch, o, r.grad)}
     return res
+
+
+def _x0_used_check(torch, k, device):
+    """The backward takes the LayerNorm statistics from the ``x0`` it is given, not from a recompute: with
+    images A and the saved x0 of other images B, the gradients that depend only on grad and x0 (d_bias, d_pos,
+    d_pn_*, d_ln_*) are those of images B (the same bits), and those that depend on x0 differ from A's."""
+    gen = torch.Generator().manual_seed(7)
+    B, C, H, W, P, D, R0 = 2, 3, 8, 12, 4, 40, 1
+    N = (H // P) * (W // P)
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(device)  # noqa: E731
+    img_a, img_b = rnd(B, C, H, W), rnd(B, C, H, W)
+    w = rnd(D, C * P * P) / (C * P * P) ** 0.5
+    args = (w, rnd(D), rnd(N, D), 1 + 0.3 * rnd(D), rnd(D), 1e-5, True, 1 + 0.3 * rnd(D), rnd(D), 1e-6, True, P, R0)
+    grad = rnd(B, R0 + N, D)
+    x0_b = torch.full((B * N, D), float("nan"), device=device)
+    k.patch_embed_fwd(img_b, *args, x0_b)
+    mixed = k.patch_embed_bwd(grad, img_a, *args, False, x0_b)
+    of_b = k.patch_embed_bwd(grad, img_b, *args, False)
+    of_a = k.patch_embed_bwd(grad, img_a, *args, False)
+    # d_bias, d_pos, d_pn_weight, d_pn_bias, d_ln_weight depend on x0; d_ln_bias (the sum of grad) does not
+    return {"same_as_b": all(torch.equal(mixed[i], of_b[i]) for i in range(2, 8)),
+            "differs_from_a": all(not torch.equal(mixed[i], of_a[i]) for i in range(2, 7))}
 
 
 def _bad_bwd_checks(torch, k, device):
@@ -365,7 +417,7 @@ def _bad_bwd_checks(torch, k, device):
     def call(**kw):
         a = dict(grad=grad, images=img, weight=w, bias=vec, pos=None, pn_weight=None, pn_bias=None, pn_eps=1e-5,
                  use_pn=False, ln_weight=vec, ln_bias=vec, ln_eps=1e-6, use_ln=True, patch_size=P, prefix_tokens=1,
-                 need_images=True)
+                 need_images=True, x0=None)
         a.update(kw)
         return lambda: k.patch_embed_bwd(*a.values())
 
@@ -378,6 +430,9 @@ def _bad_bwd_checks(torch, k, device):
         ("weight-shape", "weight", call(weight=torch.randn(D, K + 1, device=device))),
         ("ln_bias-dtype", "ln_bias", call(ln_bias=vec.double())),
         ("prefix_tokens", "prefix_tokens", call(prefix_tokens=-1)),
+        ("x0-shape", "x0", call(x0=torch.zeros(B * N, D + 1, device=device))),
+        ("x0-dtype", "x0", call(x0=torch.zeros(B * N, D, device=device, dtype=torch.float16))),
+        ("x0-contiguous", "x0", call(x0=torch.zeros(D, B * N, device=device).T)),
     ]
     out = []
     try:  # an empty batch: zero gradients, nothing launched
@@ -410,7 +465,7 @@ def _bad_input_checks(torch, k, device):
 
     def call(**kw):
         a = dict(images=img, weight=w, bias=vec, pos=pos, pn_weight=vec, pn_bias=vec, pn_eps=1e-5, use_pn=True,
-                 ln_weight=vec, ln_bias=vec, ln_eps=1e-6, use_ln=True, patch_size=P, prefix_tokens=1)
+                 ln_weight=vec, ln_bias=vec, ln_eps=1e-6, use_ln=True, patch_size=P, prefix_tokens=1, x0_out=None)
         out = kw.pop("out", None)
         a.update(kw)
         return lambda: k.patch_embed_fwd(*a.values(), out=out)
@@ -438,6 +493,9 @@ def _bad_input_checks(torch, k, device):
         ("use_pn", "use_pn", call(use_pn=None)),
         ("out-shape", "out", call(out=torch.empty(B, N, D, device=device))),
         ("out-dtype", "out", call(out=torch.empty(B, N + 1, D, device=device, dtype=torch.float16))),
+        ("x0_out-shape", "x0_out", call(x0_out=torch.empty(B, N, D, device=device))),
+        ("x0_out-dtype", "x0_out", call(x0_out=torch.empty(B * N, D, device=device, dtype=torch.float64))),
+        ("x0_out-device", "x0_out", call(x0_out=torch.empty(B * N, D, device="meta"))),
     ]
     out = []
     # an empty batch is not an error: an empty [0, R0 + Gh Gw, D] output, nothing launched
@@ -488,6 +546,10 @@ def _worker(device: str, out_json: str, seed: int) -> int:
 
             results["bwd_cases"][c["id"]] = {"id": c["id"], "error": traceback.format_exc(limit=4) + repr(e)}
     results["bad_input"] = _bad_input_checks(torch, k, device) + _bad_bwd_checks(torch, k, device)
+    try:
+        results["x0_used"] = _x0_used_check(torch, k, device)
+    except Exception as e:  # noqa: BLE001
+        results["x0_used"] = {"error": repr(e)}
     results["total_s"] = time.perf_counter() - t0
     with open(out_json, "w") as f:
         json.dump(results, f, indent=1)
@@ -517,6 +579,9 @@ def _check_case(res, case):
                                    f"({r['err_rounded']:.3e}), seed {res['seed']}")
     if "same_as_contiguous" in r:
         assert r["same_as_contiguous"], f"{case['layout']} images differ from their contiguous copy"
+    assert r["x0_same_out"], "the tokens differ when x0_out is given"
+    assert r["x0_nonfinite"] == 0, f"{r['x0_nonfinite']} NaN / inf (unwritten?) x0_out entries, seed {res['seed']}"
+    assert r["x0_err"] <= 1e-5, f"x0_out: relative error {r['x0_err']:.3e} > 1e-5, seed {res['seed']}"
 
 
 def _check_bwd_case(res, case):
@@ -534,6 +599,15 @@ def _check_bwd_case(res, case):
     if "same_as_contiguous" in r:
         assert r["same_as_contiguous"], ("a second run (the contiguous copy of strided images) gave different "
                                          "bits")
+    assert ("saved_outputs" in r) == (case["pn"] is not None or case["ln"] is not None)
+    if "saved_outputs" in r:
+        assert r["x0_unchanged"], "the backward modified the saved x0"
+        for name, o in r["saved_outputs"].items():
+            assert o["none_ok"], f"{name} (saved x0): None where the contract wants a tensor, or the reverse"
+            if "err" in o:
+                assert o["nonfinite"] == 0, f"{name} (saved x0): {o['nonfinite']} NaN / inf, seed {res['seed']}"
+                assert o["err"] <= tol, f"{name} (saved x0): relative error {o['err']:.3e} > {tol:g}"
+        assert r["saved_same_bits"], "the saved-x0 path and the recompute path gave different gradients"
 
 
 @pytest.mark.parametrize("case", INTERP_CASES, ids=[c["id"] for c in INTERP_CASES])
@@ -549,6 +623,21 @@ def test_interpreter_bwd(interp_results, case):
 @pytest.mark.parametrize("case", BWD_CASES, ids=[c["id"] for c in BWD_CASES])
 def test_gpu_bwd(gpu_results, case):
     _check_bwd_case(gpu_results, case)
+
+
+def _check_x0_used(res):
+    r = res["x0_used"]
+    assert "error" not in r, r["error"]
+    assert r["same_as_b"], "with the saved x0 of other images, the LayerNorm / pos / bias gradients are not theirs"
+    assert r["differs_from_a"], "the backward ignored the saved x0 (gradients of the images it was given)"
+
+
+def test_interpreter_x0_used(interp_results):
+    _check_x0_used(interp_results)
+
+
+def test_gpu_x0_used(gpu_results):
+    _check_x0_used(gpu_results)
 
 
 def test_interpreter_bad_input(interp_results):

@@ -129,6 +129,7 @@ AUTO_CUDA_ORDER: dict[str, tuple[str, ...]] = {
     "diffusion_step": ("cuda", "triton"),
     "contrastive": ("triton",),
     "patch_embed": ("triton",),
+    "co_attention": ("triton",),
 }
 
 # Per op: the symbol that proves the compiled kernels exist (``<symbol>_cpu`` / ``<symbol>_cuda`` in
@@ -137,6 +138,7 @@ OP_KERNELS: dict[str, dict[str, str | None]] = {
     "diffusion_step": {"cpu": "diffusion_step", "cuda": "diffusion_step", "triton": "diffusion_step"},
     "contrastive": {"cpu": "contrastive_lse", "cuda": None, "triton": "contrastive"},
     "patch_embed": {"cpu": "patch_embed_fwd", "cuda": None, "triton": "patch_embed"},
+    "co_attention": {"cpu": "co_attention_fwd", "cuda": None, "triton": "coattention"},
 }
 
 

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 
 #: case modules, in the order they run (``--ops`` selects among them)
-MODULES = ("diffusion", "contrastive", "patch_embed")
+MODULES = ("diffusion", "contrastive", "patch_embed", "coattention")
 
 PASSES = ("forward", "backward", "forward+backward")
 

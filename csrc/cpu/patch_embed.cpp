@@ -20,13 +20,15 @@
 //      image, or R0 == 0), the GEMM writes into `out` itself and the epilogue runs there in place;
 //      otherwise into a per-thread [BM, D] tile, copied out per image afterwards (16-bit: rounded to
 //      nearest even by ATen's vectorised float -> half / bfloat16 conversion).
-//   3. epilogue, per row, on the fp32 (fp64) values while they are in cache: + bias, LayerNorm 1 (if
-//      use_pn), + pos[n], LayerNorm 2 (if use_ln). Explicit 16-wide SIMD (GCC vector extensions)
-//      compiled for AVX-512, AVX2 and a portable baseline, picked at run time like the other CPU
-//      kernels (vlops._C.set_cpu_isa / VLOPS_CPU_ISA); fp64 is scalar code.
+//   3. epilogue, per row, on the fp32 (fp64) values while they are in cache: + bias (the pre-norm row
+//      x0, also stored to x0_out when given), LayerNorm 1 (if use_pn), + pos[n], LayerNorm 2 (if
+//      use_ln). Explicit 16-wide SIMD (GCC vector extensions) compiled for AVX-512, AVX2 and a portable
+//      baseline, picked at run time like the other CPU kernels (vlops._C.set_cpu_isa / VLOPS_CPU_ISA);
+//      fp64 is scalar code.
 // Backward (patch_embed_bwd_cpu): the same tiles, dealt round-robin to one slot per thread (slot s takes
 // tiles s, s + nslots, ...: deterministic at a fixed thread count). Per tile: gather (1.), recompute
-// x0 = p W^T (2.; only when a LayerNorm is on: x0 feeds only their statistics), copy the tile's grad
+// x0 = p W^T (2.; only when a LayerNorm is on: x0 feeds only their statistics; not at all when the
+// forward's rows x0 are passed in, which are then read in place of the GEMM tile), copy the tile's grad
 // rows (rows R0.. only) into a per-slot [BM, D] buffer in the compute
 // dtype, then per row (bwd_rows, vectorised and ISA-dispatched like the epilogue): recompute the LayerNorm
 // statistics and x-hats, LayerNorm 2 backward, d_pos[n] += g, LayerNorm 1 backward, d_bias += g, giving
@@ -34,9 +36,9 @@
 // buffer) scattered to the contiguous d_images (patches do not overlap; padding pixels are dropped).
 // Per-slot partials (d_weight [D, K], d_pos [N, D], five [D] rows) are added in slot order at the end
 // (slot 0 accumulates into the outputs).
-// Memory beyond inputs and output: per thread a [BM, K] packed buffer, a [BM, D] tile (and a raw
-// [BM, K] 16-bit buffer for 16-bit images), plus the fp32 weight copy for 16-bit inputs: no
-// [B * Gh * Gw, K] unfold buffer ever exists. Rows 0 .. R0 - 1 of every image are left unwritten.
+// Memory beyond inputs and output (and x0_out / x0, the caller's): per thread a [BM, K] packed buffer, a
+// [BM, D] tile (and a raw [BM, K] 16-bit buffer for 16-bit images), plus the fp32 weight copy for 16-bit
+// inputs: no [B * Gh * Gw, K] unfold buffer ever exists. Rows 0 .. R0 - 1 of every image are left unwritten.
 //
 // Numerics: fp32 accumulation for fp32 / fp16 / bf16 inputs (products of 16-bit operands are exact in
 // fp32), fp64 for fp64. LayerNorm statistics in the compute dtype (fp32 / fp64), two-pass: the mean,
@@ -86,28 +88,47 @@ struct Epi {
   const S* ln_w;
   const S* ln_b;
   const S* zeros;   // [D] zeros
+  S* x0;            // x0 rows (row stride D) matching tile row 0: receives x + bias; null when not asked for
   double pn_eps, ln_eps;
   bool use_pn, use_ln;
 };
 
-// x = (x + a1) + a2; returns sum x
+// x = (src + a1) + a2 (src may be x); and x0 = src + a1 when x0 is not null; returns sum x
 template <class Tr>
-CVINL typename Tr::S add2_sum(typename Tr::S* x, const typename Tr::S* a1, const typename Tr::S* a2, int64_t D) {
+CVINL typename Tr::S add2_sum(typename Tr::S* x, const typename Tr::S* src, const typename Tr::S* a1,
+                              const typename Tr::S* a2, typename Tr::S* x0, int64_t D) {
   using S = typename Tr::S;
   using V = typename Tr::V;
   constexpr int W = Tr::W;
   const int64_t Dv = D / W * W;
   V acc = splat((S)0);
-  for (int64_t j = 0; j < Dv; j += W) {
-    const V v = (vload(x + j) + vload(a1 + j)) + vload(a2 + j);
-    vstore(x + j, v);
-    acc += v;
-  }
   S tail = 0;
-  for (int64_t j = Dv; j < D; ++j) {
-    const S v = (x[j] + a1[j]) + a2[j];
-    x[j] = v;
-    tail += v;
+  if (x0) {
+    for (int64_t j = 0; j < Dv; j += W) {
+      const V u = vload(src + j) + vload(a1 + j);
+      vstore(x0 + j, u);
+      const V v = u + vload(a2 + j);
+      vstore(x + j, v);
+      acc += v;
+    }
+    for (int64_t j = Dv; j < D; ++j) {
+      const S u = src[j] + a1[j];
+      x0[j] = u;
+      const S v = u + a2[j];
+      x[j] = v;
+      tail += v;
+    }
+  } else {
+    for (int64_t j = 0; j < Dv; j += W) {
+      const V v = (vload(src + j) + vload(a1 + j)) + vload(a2 + j);
+      vstore(x + j, v);
+      acc += v;
+    }
+    for (int64_t j = Dv; j < D; ++j) {
+      const S v = (src[j] + a1[j]) + a2[j];
+      x[j] = v;
+      tail += v;
+    }
   }
   return hsum(acc) + tail;
 }
@@ -168,16 +189,17 @@ CVINL void epi_body(const Epi<typename Tr::S>& a) {
   int64_t n = a.n0;
   for (int64_t i = 0; i < a.rows; ++i) {
     S* x = a.x + i * a.ld;
+    S* x0 = a.x0 ? a.x0 + i * D : nullptr;  // the pre-norm row x + bias, kept for the backward
     const S* p = a.pos + n * a.pos_ld;
     n = (n + 1 == a.N) ? 0 : n + 1;
     S sum;
     if (a.use_pn) {  // (x + bias), LayerNorm 1, + pos
-      sum = add2_sum<Tr>(x, a.bias, a.zeros, D);
+      sum = add2_sum<Tr>(x, x, a.bias, a.zeros, x0, D);
       const S mean = (S)((double)sum / (double)D);
       const S rstd = inv_std<S>(sq_dev<Tr>(x, mean, D), D, a.pn_eps);
       sum = norm_add_sum<Tr>(x, mean, rstd, a.pn_w, a.pn_b, p, D);
     } else {  // (x + bias) + pos
-      sum = add2_sum<Tr>(x, a.bias, p, D);
+      sum = add2_sum<Tr>(x, x, a.bias, p, x0, D);
     }
     if (a.use_ln) {  // LayerNorm 2
       const S mean = (S)((double)sum / (double)D);
@@ -198,7 +220,10 @@ void epilogue(int, const Epi<double>& a) { epi_body<F64>(a); }
 // ------------------------------------------------------------------------------------------------
 template <class S>
 struct BwdRows {
-  Epi<S> f;         // the forward's epilogue arguments (x: the GEMM tile x0 = p W^T, without bias)
+  Epi<S> f;         // the forward's epilogue arguments (x: the GEMM tile p W^T, without bias, or scratch
+                    // rows when x0 is given)
+  const S* x0;      // the forward's saved pre-norm rows p W^T + bias (row stride D) for tile row 0, read only;
+                    // null: x holds the recomputed p W^T
   S* g;             // [rows, D] (row stride D): the grad rows in, g0 (the GEMM's gradient) out
   S* y;             // [D] scratch (the input of LayerNorm 2 when use_pn)
   S* d_small;       // [5, D] partials: d_bias, d_pn_weight, d_pn_bias, d_ln_weight, d_ln_bias
@@ -296,9 +321,12 @@ CVINL void bwd_body(const BwdRows<typename Tr::S>& a) {
   S* const d_pn_b = a.d_small + 2 * D;
   S* const d_ln_w = a.d_small + 3 * D;
   S* const d_ln_b = a.d_small + 4 * D;
+  // saved rows already hold the bias: (x0 + 0) is x0 exactly, so both paths round as the forward did
+  const S* bias = a.x0 ? f.zeros : f.bias;
   int64_t n = f.n0;
   for (int64_t i = 0; i < f.rows; ++i) {
     S* x = f.x + i * f.ld;
+    const S* src = a.x0 ? a.x0 + i * D : x;
     S* g = a.g + i * D;
     const int64_t ni = n;
     n = (n + 1 == f.N) ? 0 : n + 1;
@@ -308,13 +336,13 @@ CVINL void bwd_body(const BwdRows<typename Tr::S>& a) {
     S sum = 0, rstd1 = 0;
     S* x2 = x;
     if (f.use_pn) {
-      sum = add2_sum<Tr>(x, f.bias, f.zeros, D);
+      sum = add2_sum<Tr>(x, src, bias, f.zeros, nullptr, D);
       const S mean = (S)((double)sum / (double)D);
       rstd1 = inv_std<S>(sq_dev<Tr>(x, mean, D), D, f.pn_eps);
       sum = norm_split_sum<Tr>(x, a.y, mean, rstd1, f.pn_w, f.pn_b, p, D);
       x2 = a.y;
     } else if (f.use_ln) {
-      sum = add2_sum<Tr>(x, f.bias, p, D);
+      sum = add2_sum<Tr>(x, src, bias, p, nullptr, D);
     }
     if (f.use_ln) {
       const S mean = (S)((double)sum / (double)D);
@@ -503,7 +531,7 @@ at::Tensor pack_tile(Scratch<S>& sc, const E* img, const Geom& g, const Tile& t,
 // S: compute type (float / double); E: the images' element storage (S itself, or uint16_t for 16-bit).
 template <class S, class E>
 void patch_embed_impl(const at::Tensor& images, const at::Tensor& w, const Epi<S>& base, const Geom& g, int64_t B,
-                      int64_t R0, at::Tensor& out) {
+                      int64_t R0, at::Tensor& out, S* x0) {
   constexpr bool kSame = std::is_same<S, E>::value;
   const int64_t N = g.N, D = w.size(0);
   const auto cdt = std::is_same<S, double>::value ? at::kDouble : at::kFloat;
@@ -541,6 +569,7 @@ void patch_embed_impl(const at::Tensor& images, const at::Tensor& w, const Epi<S
       e.ld = D;
       e.rows = rows;
       e.n0 = r0 % N;
+      e.x0 = x0 ? x0 + r0 * D : nullptr;
       epilogue(isa, e);
       if (!direct) {  // per image: rows R0 + n .. of image b (16-bit: rounded to nearest even here)
         for (int64_t i = 0; i < rows;) {
@@ -556,14 +585,15 @@ void patch_embed_impl(const at::Tensor& images, const at::Tensor& w, const Epi<S
 
 // Backward: per slot (one per thread, tiles dealt round-robin: slot s takes tiles s, s + nslots, ..., so
 // the partial sums are the same on every run at a given thread count) the tile's patches are gathered,
-// x0 = p W^T recomputed, the grad rows copied in (fp32 / fp64), the LayerNorm backward(s) run row-wise
-// (bwd_rows) giving g0, then d_weight_slot += g0^T p and, if asked, dp = g0 W scattered to d_images.
+// x0 = p W^T recomputed (only when a LayerNorm is on and the forward's rows x0 are not given), the grad
+// rows copied in (fp32 / fp64), the LayerNorm backward(s) run row-wise (bwd_rows) giving g0, then
+// d_weight_slot += g0^T p and, if asked, dp = g0 W scattered to d_images.
 // Slot 0 accumulates into the outputs themselves; the other slots' partials are added to them in slot
 // order at the end.
 template <class S, class E>
 void patch_embed_bwd_impl(const at::Tensor& images, const at::Tensor& w, const Epi<S>& base, const Geom& g,
                           int64_t B, int64_t R0, const at::Tensor& grad, at::Tensor& d_weight, at::Tensor& d_small,
-                          at::Tensor& d_pos, at::Tensor& d_images) {
+                          at::Tensor& d_pos, at::Tensor& d_images, const S* x0) {
   const int64_t N = g.N, D = w.size(0), K = w.size(1);
   const auto cdt = std::is_same<S, double>::value ? at::kDouble : at::kFloat;
   const auto opts = at::TensorOptions().dtype(cdt);
@@ -598,7 +628,8 @@ void patch_embed_bwd_impl(const at::Tensor& images, const at::Tensor& w, const E
         const int64_t r0 = tl.r0, rows = tl.rows;
         at::Tensor packed = pack_tile<S, E>(sc, img, g, tl, max_rows, images.scalar_type());
         at::Tensor x = sc.tile.narrow(0, 0, rows);
-        if (base.use_pn || base.use_ln) at::mm_out(x, packed, wt);  // x0 only feeds the LayerNorm statistics
+        const bool norm = base.use_pn || base.use_ln;  // x0 only feeds the LayerNorm statistics
+        if (norm && !x0) at::mm_out(x, packed, wt);
         at::Tensor gr = gbuf.narrow(0, 0, rows);
         for (int64_t i = 0; i < rows;) {  // grad rows R0 + n .. of image b, in the compute dtype
           const int64_t r = r0 + i, b = r / N, n = r % N;
@@ -612,6 +643,7 @@ void patch_embed_bwd_impl(const at::Tensor& images, const at::Tensor& w, const E
         a.f.ld = D;
         a.f.rows = rows;
         a.f.n0 = r0 % N;
+        a.x0 = (norm && x0) ? x0 + r0 * D : nullptr;
         a.g = gr.data_ptr<S>();
         a.y = ybuf.data();
         a.d_small = dS[s].data_ptr<S>();
@@ -703,6 +735,19 @@ Dims check_args(const char* fn, const at::Tensor& images, const at::Tensor& weig
   return d;
 }
 
+// x0_out / x0: absent, or a contiguous [B * Gh * Gw, D] CPU tensor in the compute dtype; returns it detached
+// (or an undefined tensor)
+at::Tensor check_x0(const char* fn, const c10::optional<at::Tensor>& t, const char* nm, const Dims& d) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  VLOPS_CHECK(t->device().is_cpu(), fn, nm, " must be a CPU tensor, got one on ", t->device());
+  VLOPS_CHECK(t->scalar_type() == d.cdt, fn, nm, " must be ", c10::toString(d.cdt),
+              " (the compute dtype of these images), got ", dtname(*t));
+  VLOPS_CHECK(t->dim() == 2 && t->size(0) == d.B * d.N && t->size(1) == d.D, fn, nm,
+              " must be [B * Gh * Gw, D] = [", d.B * d.N, ", ", d.D, "], got shape ", t->sizes());
+  VLOPS_CHECK(t->is_contiguous(), fn, nm, " must be contiguous");
+  return t->detach();
+}
+
 // the tensor, detached (the GEMMs run on worker threads, below autograd), or an empty tensor
 inline at::Tensor opt(const c10::optional<at::Tensor>& t) {
   return (t.has_value() && t->defined()) ? t->detach() : at::Tensor();
@@ -751,9 +796,12 @@ at::Tensor patch_embed_fwd_cpu(const at::Tensor& images, const at::Tensor& weigh
                                const c10::optional<at::Tensor>& pn_weight, const c10::optional<at::Tensor>& pn_bias,
                                double pn_eps, bool use_pn,
                                const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
-                               double ln_eps, bool use_ln, int64_t patch_size, int64_t prefix_tokens) {
-  const Dims d = check_args("vlops patch_embed_fwd_cpu: ", images, weight, bias, pos, pn_weight, pn_bias, pn_eps,
-                            use_pn, ln_weight, ln_bias, ln_eps, use_ln, patch_size, prefix_tokens);
+                               double ln_eps, bool use_ln, int64_t patch_size, int64_t prefix_tokens,
+                               const c10::optional<at::Tensor>& x0_out) {
+  constexpr const char* fn = "vlops patch_embed_fwd_cpu: ";
+  const Dims d = check_args(fn, images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias,
+                            ln_eps, use_ln, patch_size, prefix_tokens);
+  const at::Tensor x0 = check_x0(fn, x0_out, "x0_out", d);
   const int64_t B = d.B, N = d.N, D = d.D;
   at::Tensor out = at::empty({B, prefix_tokens + N, D}, images.options().memory_format(at::MemoryFormat::Contiguous));
   if (B == 0 || N == 0 || D == 0) return out;
@@ -764,14 +812,16 @@ at::Tensor patch_embed_fwd_cpu(const at::Tensor& images, const at::Tensor& weigh
                    lb = opt(ln_bias);
   if (d.dt == at::kDouble) {
     const EpiArgs<double> ea(N, D, b_, p_, pw, pb, pn_eps, use_pn, lw, lb, ln_eps, use_ln);
-    patch_embed_impl<double, double>(img, weight.detach(), ea.e, g, B, prefix_tokens, out);
+    patch_embed_impl<double, double>(img, weight.detach(), ea.e, g, B, prefix_tokens, out,
+                                     x0.defined() ? x0.data_ptr<double>() : nullptr);
   } else {
     const EpiArgs<float> ea(N, D, b_, p_, pw, pb, pn_eps, use_pn, lw, lb, ln_eps, use_ln);
+    float* x0p = x0.defined() ? x0.data_ptr<float>() : nullptr;
     if (d.dt == at::kFloat) {
-      patch_embed_impl<float, float>(img, weight.detach(), ea.e, g, B, prefix_tokens, out);
+      patch_embed_impl<float, float>(img, weight.detach(), ea.e, g, B, prefix_tokens, out, x0p);
     } else {  // 16-bit: an fp32 copy of the weight, made once
       const at::Tensor w32 = weight.detach().to(at::kFloat).contiguous();
-      patch_embed_impl<float, uint16_t>(img, w32, ea.e, g, B, prefix_tokens, out);
+      patch_embed_impl<float, uint16_t>(img, w32, ea.e, g, B, prefix_tokens, out, x0p);
     }
   }
   return out;
@@ -784,10 +834,11 @@ patch_embed_bwd_cpu(const at::Tensor& grad, const at::Tensor& images, const at::
                     const c10::optional<at::Tensor>& pn_weight, const c10::optional<at::Tensor>& pn_bias,
                     double pn_eps, bool use_pn, const c10::optional<at::Tensor>& ln_weight,
                     const c10::optional<at::Tensor>& ln_bias, double ln_eps, bool use_ln, int64_t patch_size,
-                    int64_t prefix_tokens, bool need_images) {
+                    int64_t prefix_tokens, bool need_images, const c10::optional<at::Tensor>& x0) {
   constexpr const char* fn = "vlops patch_embed_bwd_cpu: ";
   const Dims d = check_args(fn, images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias,
                             ln_eps, use_ln, patch_size, prefix_tokens);
+  const at::Tensor x0_ = check_x0(fn, x0, "x0", d);
   const int64_t B = d.B, N = d.N, D = d.D, R0 = prefix_tokens;
   VLOPS_CHECK(grad.defined(), fn, "grad is undefined");
   VLOPS_CHECK(grad.device().is_cpu(), fn, "grad must be a CPU tensor, got one on ", grad.device());
@@ -816,15 +867,17 @@ patch_embed_bwd_cpu(const at::Tensor& grad, const at::Tensor& images, const at::
     if (d.dt == at::kDouble) {
       const EpiArgs<double> ea(N, D, b_, p_, pw, pb, pn_eps, use_pn, lw, lb, ln_eps, use_ln);
       patch_embed_bwd_impl<double, double>(img, weight.detach(), ea.e, g, B, R0, gr, d_weight, d_small, d_pos,
-                                           d_images);
+                                           d_images, x0_.defined() ? x0_.data_ptr<double>() : nullptr);
     } else {
       const EpiArgs<float> ea(N, D, b_, p_, pw, pb, pn_eps, use_pn, lw, lb, ln_eps, use_ln);
+      const float* x0p = x0_.defined() ? x0_.data_ptr<float>() : nullptr;
       if (d.dt == at::kFloat) {
         patch_embed_bwd_impl<float, float>(img, weight.detach(), ea.e, g, B, R0, gr, d_weight, d_small, d_pos,
-                                           d_images);
+                                           d_images, x0p);
       } else {
         const at::Tensor w32 = weight.detach().to(at::kFloat).contiguous();
-        patch_embed_bwd_impl<float, uint16_t>(img, w32, ea.e, g, B, R0, gr, d_weight, d_small, d_pos, d_images);
+        patch_embed_bwd_impl<float, uint16_t>(img, w32, ea.e, g, B, R0, gr, d_weight, d_small, d_pos, d_images,
+                                              x0p);
       }
     }
   }

@@ -1,4 +1,4 @@
 """Eager PyTorch specifications of every vlops op (the ground truth the fused kernels must equal)."""
-from . import contrastive, diffusion, patch_embed
+from . import coattention, contrastive, diffusion, patch_embed
 
-__all__ = ["contrastive", "diffusion", "patch_embed"]
+__all__ = ["coattention", "contrastive", "diffusion", "patch_embed"]

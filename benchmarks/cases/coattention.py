@@ -1,0 +1,195 @@
+"""Benchmark cases of the fused co-attention (``vlops.co_attention``, ``vlops.nn.CoAttention``).
+
+- ``vqa``: ViLBERT's co-attention at VQA sizes (8 heads, d = 128, Nt = 20 text tokens, Nv = 101 image
+  regions padded from random lengths 37..101), fused vs two masked ``F.scaled_dot_product_attention`` calls
+  (boolean key masks) on the same [B, N, H, d] projections.
+- ``vqa_vilbert``: the same sizes through the whole ``BertBiAttention`` module (six projections + both
+  attentions; hidden 768 text / 1024 image, bi_hidden 1024): vilbert-multi-task's eager math
+  (``vlops.reference.coattention.ViLBERTBiAttention``, extended -10000 masks) vs ``vlops.nn.CoAttention`` with
+  the same weights.
+- ``long`` (CUDA): Nt = 512, Nv = 2048 (random lengths from half to full), 8 heads, d = 128, vs SDPA.
+
+Sizes (``--sizes``): ``headline``: batch 32 fp32 (CPU) / batch 256 bf16 (CUDA); ``long``: CUDA only, batch 8
+bf16; ``small``: batch 2, 2 heads, d = 64, Nt = 8, Nv = 13, fp32 (also ``--quick``). Passes: forward and
+forward + backward (every input gradient; the module case: every parameter gradient).
+
+Floor: the attention flops, 4 H d (Nq x valid keys) per direction forward (QK^T and PV), 2.5x that for the
+backward, counted over the valid keys only (plus the projection GEMMs, 2 N D_in D_out each and twice that
+backward, in the module case), at the measured matmul rate of the dtype; or the bytes (q, k, v read and the
+contexts written once; backward: inputs, outputs and their gradients read, six gradients written), whichever
+takes longer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import Case, dtype_bytes
+
+OP = "coattention"
+
+
+def _lengths(B, lo, hi, gen, device):
+    return torch.randint(lo, hi + 1, (B,), generator=gen).to(device)
+
+
+def _keep(lengths, N):
+    return torch.arange(N, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def _attention_floor(B, H, d, Nt, Nv, t_len, i_len, grad, elt):
+    """(flops, bytes) of the two attentions."""
+    pairs = Nt * float(i_len.sum()) + Nv * float(t_len.sum())  # (query, valid key) pairs, both directions
+    flops = 4.0 * H * d * pairs * (3.5 if grad else 1.0)
+    elems = B * (Nt + Nv) * H * d
+    nbytes = elems * elt * (12 if grad else 4)
+    return flops, nbytes
+
+
+def _relerr(a, b):
+    a = torch.cat([t.double().flatten() for t in a])
+    b = torch.cat([t.double().flatten() for t in b])
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _sdpa_case(name, B, H, d, Nt, Nv, t_range, i_range, pass_, dtype, device, size):
+    import vlops
+
+    grad = pass_ != "forward"
+    gen = torch.Generator().manual_seed(0)
+    t_len = _lengths(B, *t_range, gen, device)
+    i_len = _lengths(B, *i_range, gen, device)
+    t_keep, i_keep = _keep(t_len, Nt), _keep(i_len, Nv)
+    t_mask, i_mask = t_keep[:, None, None, :], i_keep[:, None, None, :]
+
+    def make():
+        ts = [torch.randn(B, n, H, d, device=device, dtype=dtype).requires_grad_(grad)
+              for n in (Nt, Nt, Nt, Nv, Nv, Nv)]
+        gos = [torch.randn(B, n, H, d, device=device, dtype=dtype) for n in (Nt, Nv)] if grad else []
+        return {"ts": ts, "gos": gos}
+
+    def eager_fn(ts):
+        tq, tk, tv, iq, ik, iv = (t.transpose(1, 2) for t in ts)  # [B, H, N, d] views
+        t_out = F.scaled_dot_product_attention(tq, ik, iv, attn_mask=i_mask).transpose(1, 2)
+        i_out = F.scaled_dot_product_attention(iq, tk, tv, attn_mask=t_mask).transpose(1, 2)
+        return t_out, i_out
+
+    def fused_fn(ts):
+        return vlops.co_attention(*ts, text_lengths=t_len, image_lengths=i_len)
+
+    def run(fn):
+        def call(inp):
+            if not grad:
+                with torch.no_grad():
+                    return fn(inp["ts"])
+            for t in inp["ts"]:
+                t.grad = None
+            outs = fn(inp["ts"])
+            torch.autograd.backward(outs, inp["gos"])
+            return tuple(o.detach() for o in outs)
+        return call
+
+    def reset(inp):
+        for t in inp["ts"]:
+            t.grad = None
+
+    flops, nbytes = _attention_floor(B, H, d, Nt, Nv, t_len, i_len, grad, dtype_bytes(dtype))
+    note = (f"H {H}, d {d}, text lengths {t_range[0]}..{t_range[1]} of {Nt}, image lengths "
+            f"{i_range[0]}..{i_range[1]} of {Nv}; baseline: two SDPA calls with boolean key masks")
+    return Case(name=name, op=OP, dtype=dtype, size=size, pass_=pass_, make=make, eager=run(eager_fn),
+                fused=run(fused_fn), floor_bytes=nbytes, floor_flops=flops, eager_label="sdpa", check=_relerr,
+                reset=reset, note=note, backends=("cpu", "triton", "reference"))
+
+
+def _vilbert_case(name, B, cfg, Nt, Nv, i_range, pass_, dtype, device, size):
+    import vlops
+    from vlops.reference.coattention import ViLBERTBiAttention, extended_attention_mask
+
+    grad = pass_ != "forward"
+    torch.manual_seed(0)
+    eager_m = ViLBERTBiAttention(cfg)
+    with torch.no_grad():
+        for p in eager_m.parameters():
+            p.normal_(0.0, 0.02)
+    eager_m = eager_m.to(device=device, dtype=dtype).eval()
+    fused_m = vlops.nn.CoAttention(cfg).to(device=device, dtype=dtype).eval()
+    fused_m.load_state_dict(eager_m.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    i_len = _lengths(B, *i_range, gen, device)
+    t_len = torch.full((B,), Nt, device=device)
+    m1 = extended_attention_mask(_keep(i_len, Nv), dtype)  # image stream (1), [B, 1, 1, Nv]
+    m2 = extended_attention_mask(_keep(t_len, Nt), dtype)  # text stream (2)
+
+    def make():
+        x1 = torch.randn(B, Nv, cfg.v_hidden_size, device=device, dtype=dtype)
+        x2 = torch.randn(B, Nt, cfg.hidden_size, device=device, dtype=dtype)
+        gos = [torch.randn(B, n, cfg.bi_hidden_size, device=device, dtype=dtype) for n in (Nt, Nv)] if grad else []
+        return {"x1": x1, "x2": x2, "gos": gos}
+
+    def run(module):
+        params = list(module.parameters())
+
+        def call(inp):
+            if not grad:
+                with torch.no_grad():
+                    return module(inp["x1"], m1, inp["x2"], m2)[:2]
+            for p in params:
+                p.grad = None
+            c1, c2, _ = module(inp["x1"], m1, inp["x2"], m2)
+            torch.autograd.backward([c1, c2], inp["gos"])
+            return c1.detach(), c2.detach()
+        return call
+
+    def reset(inp):
+        for m in (eager_m, fused_m):
+            for p in m.parameters():
+                p.grad = None
+
+    bi, H = cfg.bi_hidden_size, cfg.bi_num_attention_heads
+    flops, nbytes = _attention_floor(B, H, bi // H, Nt, Nv, t_len, i_len, grad, dtype_bytes(dtype))
+    gemm = 2.0 * 3 * bi * B * (Nv * cfg.v_hidden_size + Nt * cfg.hidden_size)  # the six projections
+    flops += gemm * (3 if grad else 1)
+    elt = dtype_bytes(dtype)
+    w_bytes = 3 * bi * (cfg.v_hidden_size + cfg.hidden_size + 2) * elt
+    x_bytes = B * (Nv * cfg.v_hidden_size + Nt * cfg.hidden_size) * elt
+    nbytes += (w_bytes + x_bytes) * (3 if grad else 1)
+    note = (f"BertBiAttention hidden {cfg.hidden_size}/{cfg.v_hidden_size}, bi_hidden {bi}, {H} heads; image "
+            f"lengths {i_range[0]}..{i_range[1]} of {Nv}; baseline: eager ViLBERT module, -10000 masks")
+    return Case(name=name, op=OP, dtype=dtype, size=size, pass_=pass_, make=make, eager=run(eager_m),
+                fused=run(fused_m), floor_bytes=nbytes, floor_flops=flops, eager_label="vilbert", check=_relerr,
+                reset=reset, note=note, backends=("cpu", "triton", "reference"))
+
+
+def cases(device, quick: bool, sizes=None, dtypes=None):
+    from vlops.reference.coattention import ViLBERTConfig
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    labels = sizes or ({"small"} if quick else ({"small", "headline", "long"} if cuda else {"small", "headline"}))
+    vilbert = ViLBERTConfig(hidden_size=768, v_hidden_size=1024, bi_hidden_size=1024, bi_num_attention_heads=8)
+    for s in sorted(labels):
+        if s == "small":
+            plan = [("vqa", dict(B=2, H=2, d=64, Nt=8, Nv=13, t=(8, 8), i=(5, 13)), [torch.float32]),
+                    ("vqa_vilbert", dict(B=2, Nt=8, Nv=13, i=(5, 13),
+                                         cfg=ViLBERTConfig(hidden_size=96, v_hidden_size=128, bi_hidden_size=128,
+                                                           bi_num_attention_heads=2)), [torch.float32])]
+        elif s == "headline":
+            B, dts = (256, [torch.bfloat16]) if cuda else (32, [torch.float32])
+            plan = [("vqa", dict(B=B, H=8, d=128, Nt=20, Nv=101, t=(20, 20), i=(37, 101)), dts),
+                    ("vqa_vilbert", dict(B=B, Nt=20, Nv=101, i=(37, 101), cfg=vilbert), dts)]
+        elif s == "long" and cuda:
+            plan = [("long", dict(B=8, H=8, d=128, Nt=512, Nv=2048, t=(256, 512), i=(1024, 2048)),
+                     [torch.bfloat16])]
+        else:
+            continue
+        for name, kw, dts in plan:
+            for dt in dtypes or dts:
+                for pass_ in ("forward", "forward+backward"):
+                    if name == "vqa_vilbert":
+                        size = f"{kw['B']}x{kw['Nt']}x{kw['Nv']}x{kw['cfg'].bi_hidden_size}"
+                        yield _vilbert_case(name, kw["B"], kw["cfg"], kw["Nt"], kw["Nv"], kw["i"], pass_, dt, device,
+                                            size)
+                    else:
+                        size = f"{kw['B']}x{kw['H']}x{kw['Nt']}x{kw['Nv']}x{kw['d']}"
+                        yield _sdpa_case(name, kw["B"], kw["H"], kw["d"], kw["Nt"], kw["Nv"], kw["t"], kw["i"], pass_,
+                                         dt, device, size)
