@@ -8,11 +8,12 @@ image stream's key padding; ``dir = 1``: image queries ``iq`` over ``tk, tv`` wi
 Design:
 
 - Every kernel runs both directions in one launch: grid ``(tiles, B H, 2)``, axis 2 the direction.
-  A program picks its direction's pointers, strides and lengths with ``tl.where`` on ``dir`` (the
-  alignment of the strides survives: a select keeps the common divisibility of both operands), so one
-  compiled body serves both. Axis 0 (the row tiles of that program's sequence, ``cdiv(max(Nt, Nv),
-  BLOCK)`` of them; the surplus tiles of the shorter direction return at once) is the fastest, so the
-  programs of one head run together and its keys / values stay in L2.
+  A program picks its direction's pointers, strides and lengths with ``tl.where`` on ``dir``
+  (``_direction``, shared by the three kernels; the alignment of the strides survives: a select keeps
+  the common divisibility of both operands), so one compiled body serves both. Axis 0 (the row tiles
+  of that program's sequence, ``cdiv(max(Nt, Nv), BLOCK)`` of them; the surplus tiles of the shorter
+  direction return at once) is the fastest, so the programs of one head run together and its keys /
+  values stay in L2.
 - Inputs are read in place through their batch, token and head strides (``stride(-1) == 1``): the
   views of a fused QKV projection are never copied. The batch term of every address is int64 (``B N H
   d`` may exceed 2**31); the token offset of a tile is int64 too and the key / query loops advance
@@ -182,6 +183,41 @@ def _raw_dot_chunked(a_ptrs, a_ok, b_ptrs, b_ok, HEAD_D: tl.constexpr, BLOCK_D: 
     return acc
 
 
+@triton.jit
+def _direction(bh, d0, Nk, H,
+               tq_ptr, tk_ptr, tv_ptr, iq_ptr, ik_ptr, iv_ptr, t_len_ptr, i_len_ptr, t_mask_ptr, i_mask_ptr,
+               s_tq_b, s_tq_n, s_tq_h, s_tk_b, s_tk_n, s_tk_h, s_tv_b, s_tv_n, s_tv_h,
+               s_iq_b, s_iq_n, s_iq_h, s_ik_b, s_ik_n, s_ik_h, s_iv_b, s_iv_n, s_iv_h,
+               MODE: tl.constexpr, T_MASK: tl.constexpr, I_MASK: tl.constexpr):
+    """The operands of head ``bh = b H + h`` in the direction ``d0`` selects (``dir == 0``: ``tq`` over
+    ``ik, iv`` with the image stream's length and mask; else ``iq`` over ``tk, tv`` with the text stream's),
+    ``Nk`` its key count. Returns ``(b64, h, q_ptr, k_ptr, v_ptr, sqn, skn, svn, klen, m_ptr, has_m,
+    n_end)``: ``b`` as int64, the head, the q / k / v pointers at token 0 of (b, h) and their token
+    strides, ``klen = clamp(len[b], 0, Nk)``, the mask bytes of row b (a stand-in when the stream has
+    none: ``has_m`` false) and the end of the key loop, ``n_end`` (mode 0: ``klen``, the lengths fast
+    path, key tiles past ``len[b]`` are never visited; mode 1: ``Nk``)."""
+    b = bh // H
+    h = bh - b * H
+    b64 = b.to(tl.int64)
+    q_ptr = tl.where(d0, tq_ptr, iq_ptr)
+    k_ptr = tl.where(d0, ik_ptr, tk_ptr)
+    v_ptr = tl.where(d0, iv_ptr, tv_ptr)
+    sqn = tl.where(d0, s_tq_n, s_iq_n)
+    skn = tl.where(d0, s_ik_n, s_tk_n)
+    svn = tl.where(d0, s_iv_n, s_tv_n)
+    q_ptr += b64 * tl.where(d0, s_tq_b, s_iq_b) + h * tl.where(d0, s_tq_h, s_iq_h)
+    k_ptr += b64 * tl.where(d0, s_ik_b, s_tk_b) + h * tl.where(d0, s_ik_h, s_tk_h)
+    v_ptr += b64 * tl.where(d0, s_iv_b, s_tv_b) + h * tl.where(d0, s_iv_h, s_tv_h)
+    klen = tl.minimum(tl.maximum(tl.load(tl.where(d0, i_len_ptr, t_len_ptr) + b), 0), Nk)
+    m_ptr = tl.where(d0, i_mask_ptr, t_mask_ptr) + b64 * Nk
+    has_m = tl.where(d0, I_MASK, T_MASK)
+    if MODE == 0:
+        n_end = klen
+    else:
+        n_end = Nk
+    return b64, h, q_ptr, k_ptr, v_ptr, sqn, skn, svn, klen, m_ptr, has_m, n_end
+
+
 # ---------------------------------------------------------------------------------------------
 # kernels
 
@@ -210,28 +246,13 @@ def _co_attn_fwd_kernel(
     if start_m >= Nq:
         return
     Nk = tl.where(d0, Nv, Nt)
-    b = bh // H
-    h = bh - b * H
-    b64 = b.to(tl.int64)
-    q_ptr = tl.where(d0, tq_ptr, iq_ptr)
-    k_ptr = tl.where(d0, ik_ptr, tk_ptr)
-    v_ptr = tl.where(d0, iv_ptr, tv_ptr)
+    b64, h, q_ptr, k_ptr, v_ptr, sqn, skn, svn, klen, m_ptr, has_m, n_end = _direction(
+        bh, d0, Nk, H, tq_ptr, tk_ptr, tv_ptr, iq_ptr, ik_ptr, iv_ptr, t_len_ptr, i_len_ptr, t_mask_ptr, i_mask_ptr,
+        s_tq_b, s_tq_n, s_tq_h, s_tk_b, s_tk_n, s_tk_h, s_tv_b, s_tv_n, s_tv_h,
+        s_iq_b, s_iq_n, s_iq_h, s_ik_b, s_ik_n, s_ik_h, s_iv_b, s_iv_n, s_iv_h, MODE, T_MASK, I_MASK)
+    HAS_MASK: tl.constexpr = T_MASK or I_MASK
     o_ptr = tl.where(d0, t_out_ptr, i_out_ptr)
     lse_ptr = tl.where(d0, t_lse_ptr, i_lse_ptr)
-    sqn = tl.where(d0, s_tq_n, s_iq_n)
-    skn = tl.where(d0, s_ik_n, s_tk_n)
-    svn = tl.where(d0, s_iv_n, s_tv_n)
-    q_ptr += b64 * tl.where(d0, s_tq_b, s_iq_b) + h * tl.where(d0, s_tq_h, s_iq_h)
-    k_ptr += b64 * tl.where(d0, s_ik_b, s_tk_b) + h * tl.where(d0, s_ik_h, s_tk_h)
-    v_ptr += b64 * tl.where(d0, s_iv_b, s_tv_b) + h * tl.where(d0, s_iv_h, s_tv_h)
-    klen = tl.minimum(tl.maximum(tl.load(tl.where(d0, i_len_ptr, t_len_ptr) + b), 0), Nk)
-    HAS_MASK: tl.constexpr = T_MASK or I_MASK
-    m_ptr = tl.where(d0, i_mask_ptr, t_mask_ptr) + b64 * Nk
-    has_m = tl.where(d0, I_MASK, T_MASK)
-    if MODE == 0:
-        n_end = klen  # lengths fast path: the key tiles past len[b] are never visited
-    else:
-        n_end = Nk
 
     rm = start_m + tl.arange(0, BLOCK_M)
     mm = rm < Nq
@@ -309,26 +330,11 @@ def _co_attn_bwd_dq_kernel(
     if start_m >= Nq:
         return
     Nk = tl.where(d0, Nv, Nt)
-    b = bh // H
-    h = bh - b * H
-    b64 = b.to(tl.int64)
-    q_ptr = tl.where(d0, tq_ptr, iq_ptr)
-    k_ptr = tl.where(d0, ik_ptr, tk_ptr)
-    v_ptr = tl.where(d0, iv_ptr, tv_ptr)
-    sqn = tl.where(d0, s_tq_n, s_iq_n)
-    skn = tl.where(d0, s_ik_n, s_tk_n)
-    svn = tl.where(d0, s_iv_n, s_tv_n)
-    q_ptr += b64 * tl.where(d0, s_tq_b, s_iq_b) + h * tl.where(d0, s_tq_h, s_iq_h)
-    k_ptr += b64 * tl.where(d0, s_ik_b, s_tk_b) + h * tl.where(d0, s_ik_h, s_tk_h)
-    v_ptr += b64 * tl.where(d0, s_iv_b, s_tv_b) + h * tl.where(d0, s_iv_h, s_tv_h)
-    klen = tl.minimum(tl.maximum(tl.load(tl.where(d0, i_len_ptr, t_len_ptr) + b), 0), Nk)
+    b64, h, q_ptr, k_ptr, v_ptr, sqn, skn, svn, klen, m_ptr, has_m, n_end = _direction(
+        bh, d0, Nk, H, tq_ptr, tk_ptr, tv_ptr, iq_ptr, ik_ptr, iv_ptr, t_len_ptr, i_len_ptr, t_mask_ptr, i_mask_ptr,
+        s_tq_b, s_tq_n, s_tq_h, s_tk_b, s_tk_n, s_tk_h, s_tv_b, s_tv_n, s_tv_h,
+        s_iq_b, s_iq_n, s_iq_h, s_ik_b, s_ik_n, s_ik_h, s_iv_b, s_iv_n, s_iv_h, MODE, T_MASK, I_MASK)
     HAS_MASK: tl.constexpr = T_MASK or I_MASK
-    m_ptr = tl.where(d0, i_mask_ptr, t_mask_ptr) + b64 * Nk
-    has_m = tl.where(d0, I_MASK, T_MASK)
-    if MODE == 0:
-        n_end = klen
-    else:
-        n_end = Nk
 
     rm = start_m + tl.arange(0, BLOCK_M)
     mm = rm < Nq
@@ -414,27 +420,14 @@ def _co_attn_bwd_dkdv_kernel(
     if start_n >= Nk:
         return
     Nq = tl.where(d0, Nt, Nv)
-    b = bh // H
-    h = bh - b * H
-    b64 = b.to(tl.int64)
-    q_ptr = tl.where(d0, tq_ptr, iq_ptr)
-    k_ptr = tl.where(d0, ik_ptr, tk_ptr)
-    v_ptr = tl.where(d0, iv_ptr, tv_ptr)
-    sqn = tl.where(d0, s_tq_n, s_iq_n)
-    skn = tl.where(d0, s_ik_n, s_tk_n)
-    svn = tl.where(d0, s_iv_n, s_tv_n)
-    q_ptr += b64 * tl.where(d0, s_tq_b, s_iq_b) + h * tl.where(d0, s_tq_h, s_iq_h)
-    k_ptr += b64 * tl.where(d0, s_ik_b, s_tk_b) + h * tl.where(d0, s_ik_h, s_tk_h)
-    v_ptr += b64 * tl.where(d0, s_iv_b, s_tv_b) + h * tl.where(d0, s_iv_h, s_tv_h)
-    klen = tl.minimum(tl.maximum(tl.load(tl.where(d0, i_len_ptr, t_len_ptr) + b), 0), Nk)
+    b64, h, q_ptr, k_ptr, v_ptr, sqn, skn, svn, klen, m_ptr, has_m, n_end = _direction(
+        bh, d0, Nk, H, tq_ptr, tk_ptr, tv_ptr, iq_ptr, ik_ptr, iv_ptr, t_len_ptr, i_len_ptr, t_mask_ptr, i_mask_ptr,
+        s_tq_b, s_tq_n, s_tq_h, s_tk_b, s_tk_n, s_tk_h, s_tv_b, s_tv_n, s_tv_h,
+        s_iq_b, s_iq_n, s_iq_h, s_ik_b, s_ik_n, s_ik_h, s_iv_b, s_iv_n, s_iv_h, MODE, T_MASK, I_MASK)
     HAS_MASK: tl.constexpr = T_MASK or I_MASK
-    m_ptr = tl.where(d0, i_mask_ptr, t_mask_ptr) + b64 * Nk
-    has_m = tl.where(d0, I_MASK, T_MASK)
     if MODE == 0:
-        n_end = klen
         m_hi = tl.where(start_n < klen, Nq, 0)  # a tile of invalid keys only: dk = dv = 0
     else:
-        n_end = Nk
         m_hi = Nq
 
     cols = start_n + tl.arange(0, BLOCK_N)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..reference.coattention import ViLBERTConfig, config_get
+from ..reference.coattention import ViLBERTBiOutput, ViLBERTConfig, ViLBERTOutput, config_get
 
 __all__ = ["CoAttention", "CoAttentionBlock"]
 
@@ -188,30 +188,6 @@ class CoAttention(nn.Module):
         return context_layer1, context_layer2, (None, None)
 
 
-class _BiOutput(nn.Module):
-    """``BertBiOutput`` (``q_dense1`` / ``q_dense2`` are unused by its forward but part of its state_dict)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        bi, vh, th = cfg("bi_hidden_size"), cfg("v_hidden_size"), cfg("hidden_size")
-        pv, pt = cfg("v_hidden_dropout_prob"), cfg("hidden_dropout_prob")
-        self.dense1 = nn.Linear(bi, vh)
-        self.LayerNorm1 = nn.LayerNorm(vh, eps=1e-12)
-        self.dropout1 = nn.Dropout(pv)
-        self.q_dense1 = nn.Linear(bi, vh)
-        self.q_dropout1 = nn.Dropout(pv)
-        self.dense2 = nn.Linear(bi, th)
-        self.LayerNorm2 = nn.LayerNorm(th, eps=1e-12)
-        self.dropout2 = nn.Dropout(pt)
-        self.q_dense2 = nn.Linear(bi, th)
-        self.q_dropout2 = nn.Dropout(pt)
-
-    def forward(self, hidden_states1, input_tensor1, hidden_states2, input_tensor2):
-        h1 = self.LayerNorm1(self.dropout1(self.dense1(hidden_states1)) + input_tensor1)
-        h2 = self.LayerNorm2(self.dropout2(self.dense2(hidden_states2)) + input_tensor2)
-        return h1, h2
-
-
 class _Intermediate(nn.Module):
     def __init__(self, d_in, d_out, act):
         super().__init__()
@@ -220,17 +196,6 @@ class _Intermediate(nn.Module):
 
     def forward(self, hidden_states):
         return self.intermediate_act_fn(self.dense(hidden_states))
-
-
-class _Output(nn.Module):
-    def __init__(self, d_in, d_out, p):
-        super().__init__()
-        self.dense = nn.Linear(d_in, d_out)
-        self.LayerNorm = nn.LayerNorm(d_out, eps=1e-12)
-        self.dropout = nn.Dropout(p)
-
-    def forward(self, hidden_states, input_tensor):
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
 
 
 class CoAttentionBlock(nn.Module):
@@ -251,11 +216,14 @@ class CoAttentionBlock(nn.Module):
         cfg = _config(config, overrides)
         self.biattention = CoAttention(config, exact_vilbert=exact_vilbert, shared_weights=shared_weights,
                                        mask_to_lengths=mask_to_lengths, **overrides)
-        self.biOutput = _BiOutput(cfg)
+        merged = {name: cfg(name) for name in _FIELDS}  # the config with the overrides applied
+        # the output projections and the output halves of the feed-forwards are the eager modules; the
+        # intermediate halves use torch's fused activations (_ACT)
+        self.biOutput = ViLBERTBiOutput(merged)
         self.v_intermediate = _Intermediate(cfg("v_hidden_size"), cfg("v_intermediate_size"), cfg("v_hidden_act"))
-        self.v_output = _Output(cfg("v_intermediate_size"), cfg("v_hidden_size"), cfg("v_hidden_dropout_prob"))
+        self.v_output = ViLBERTOutput(merged, "v")
         self.t_intermediate = _Intermediate(cfg("hidden_size"), cfg("intermediate_size"), cfg("hidden_act"))
-        self.t_output = _Output(cfg("intermediate_size"), cfg("hidden_size"), cfg("hidden_dropout_prob"))
+        self.t_output = ViLBERTOutput(merged, "t")
 
     def forward(self, input_tensor1, attention_mask1, input_tensor2, attention_mask2, co_attention_mask=None,
                 use_co_attention_mask=False):
