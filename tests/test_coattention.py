@@ -17,11 +17,6 @@ from vlops.reference import coattention as ref
 
 from conftest import HAS_CUDA, TOL, rel_err
 
-#: TEMPORARY switch: False while the C++ kernel ``vlops._C.co_attention_fwd_cpu`` is not written yet; then
-#: the ``cpu`` cases skip (saying so) when the symbol is missing. Set it to True once the kernel exists:
-#: from then on a missing cpu kernel fails the suite.
-CPU_KERNEL_REQUIRED = False
-
 OP = "co_attention"
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
 BACKENDS = [pytest.param("reference", "cpu", id="reference"), pytest.param("cpu", "cpu", id="cpu"),
@@ -32,9 +27,6 @@ def _require(backend, device):
     why = _backends.op_unavailable_reason(OP, backend, torch.device(device))
     if why and device == "cuda":
         pytest.skip(why)
-    if why and backend == "cpu" and not CPU_KERNEL_REQUIRED and not hasattr(_backends.extension(),
-                                                                             "co_attention_fwd_cpu"):
-        pytest.skip(f"TEMPORARY (CPU_KERNEL_REQUIRED = False): {why}")
     assert not why, f"backend {backend} must run {OP} on {device}: {why}"
 
 
