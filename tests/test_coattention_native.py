@@ -318,9 +318,10 @@ def test_fully_masked_rows():
     assert t_out[0].abs().sum() > 0  # every key takes part
 
 
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 @pytest.mark.parametrize("mode", [0, 1])
 @pytest.mark.parametrize("seed", [0, 123456789, (7 << 40) + 99])
-def test_dropout_keep_bit_exact(seed, mode):
+def test_dropout_keep_bit_exact(seed, mode, isa):
     """q = 0 makes p uniform and one-hot values read the kept weights back: out[b, i, h, j] = keep_ij /
     ((1 - p) n) for valid keys j, 0 otherwise. The keep bits must equal the contract's Philox mask exactly,
     in both directions (counter (j, i, b * H + h, dir), key (seed & 0xffffffff, seed >> 32))."""
@@ -335,7 +336,10 @@ def test_dropout_keep_bit_exact(seed, mode):
     eye = torch.eye(Nv)
     a["tv"] = eye[:Nt].view(1, Nt, 1, d).expand(B, Nt, H, d).contiguous()
     a["iv"] = eye.view(1, Nv, 1, d).expand(B, Nv, H, d).contiguous()
-    t_out, i_out, _, _ = fwd(a)
+    if isa not in _C.cpu_isas_supported():
+        pytest.skip(f"this CPU cannot run {isa}")
+    with cpu_isa(isa):
+        t_out, i_out, _, _ = fwd(a)
     for out, Nq, Nk, lens, direc in ((t_out, Nt, Nv, i_len, 0), (i_out, Nv, Nt, t_len, 1)):
         keep = keep_mask(B, H, Nq, Nk, direc, seed, p)  # [B, H, Nq, Nk]
         got = out.transpose(1, 2)[..., :Nk]  # [B, H, Nq, Nk]
@@ -420,12 +424,13 @@ def test_inputs_unchanged(dtype):
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_isas(isa):
-    """Each instruction set of the run-time dispatch, fp32 and bf16, d with and without a vector tail, both
-    modes, dropout on."""
+    """Each instruction set of the run-time dispatch, fp32, bf16 and fp16 (F16C conversions on AVX2 / AVX-512,
+    c10's on the baseline), d with and without a vector tail, both modes, dropout on (vectorised Philox on
+    AVX-512, scalar elsewhere)."""
     if isa not in _C.cpu_isas_supported():
         pytest.skip(f"this CPU cannot run {isa}")
     with cpu_isa(isa):
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for d, mode in ((40, 0), (128, 1), (7, 0)):
                 a = make_case(2, 13, 70, 2, d, dtype, "isa", isa, d, t_len=[13, 6], i_len=[70, 33], mode=mode,
                               dropout_p=0.15 if d == 40 else 0.0, seed=4)

@@ -36,10 +36,12 @@
 // rows and accumulators, and [BM, BN] score tiles. Outputs of 4 MiB or more are written with streaming
 // stores (fp32 / fp64).
 //
-// Dropout: keep_ij = uniform(x0) >= dropout_p (float32 compare, dropout_p rounded to float32), x0 the first
-// word of Philox4x32-10 (ds::philox4x32_10, csrc/diffusion_step_coef.h) with counter (j, i, b * H + h,
-// dir) and key (seed & 0xffffffff, seed >> 32), one call per (query, key) pair; the kept weights are
-// multiplied by 1 / (1 - dropout_p) (formed in double, rounded to the compute type).
+// Dropout: keep_ij = uniform(x0) >= dropout_p (float32 compare, dropout_p rounded to float32; done as an
+// integer threshold on x0 >> 8), x0 the first word of Philox4x32-10 with counter (j, i, b * H + h, dir)
+// and key (seed & 0xffffffff, seed >> 32), one call per (query, key) pair: 8 pairs per vector on AVX-512,
+// ds::philox4x32_10 (csrc/diffusion_step_coef.h) one pair at a time elsewhere. The kept weights are
+// multiplied by 1 / (1 - dropout_p) (formed in double, rounded to the compute type). The forward and the
+// backward draw the multipliers of each block again (no mask is stored).
 //
 // Numerics: fp32 compute and accumulation for fp32 / fp16 / bf16 inputs (products of 16-bit operands
 // are exact in fp32), fp64 for fp64 inputs (scalar code). The fp32 kernels are explicit SIMD (GCC vector
@@ -47,7 +49,8 @@
 // compiled for each and picked at run time (csrc/cpu/isa_dispatch.h; vlops._C.set_cpu_isa /
 // VLOPS_CPU_ISA), with FMA where the target has it. exp is cephes expf (csrc/cpu/cephes_expf.h, ~1 ulp),
 // flushed to 0 below -87. Mode-1 scores are (scale * q.k) + bias, in that order. Every sum has a fixed
-// order: the same result on every run.
+// order: the same result on every run. fp16 rows are converted with F16C on AVX2 / AVX-512 machines
+// (c10::Half on the baseline), bf16 with c10::BFloat16; 16-bit outputs are rounded once, to nearest even.
 // VLOPS_COATTENTION_TILES="BM,BN" overrides the block sizes and VLOPS_COATTENTION_BWD_SPLIT=k forces the
 // split backward with k chunks per pair (tuning and tests).
 #include <ATen/ATen.h>
@@ -84,15 +87,15 @@ namespace cpu {
 
 namespace {
 
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
 // ------------------------------------------------------------------------------------------------
 // Vector types: the kernels run on the native width of each instruction set (16 fp32 lanes for
 // AVX-512, 8 for AVX2, 4 for the portable baseline; GCC lowers wider generic vectors poorly there, in
 // particular the per-element broadcasts of the inner loops), fp64 on scalars. Tr::S, Tr::V, Tr::W and
 // the operations below; everything is always inlined into the per-ISA entry points.
 // ------------------------------------------------------------------------------------------------
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
-
 using vec16::vf;  // csrc/cpu/vec16.h: 16 fp32 / int32 lanes
 using vec16::vi;
 typedef float vf8 __attribute__((vector_size(32)));
@@ -523,15 +526,16 @@ typedef uint64_t vq8 __attribute__((vector_size(64)));
 CVINL vq8 philox10_x8(vq8 c0, vq8 c1, vq8 c2, vq8 c3, uint32_t k0, uint32_t k1) {  // -> the first words
   const uint64_t lo = 0xFFFFFFFFull;
   for (int r = 0; r < 10; ++r) {
-    const vq8 p0 = c0 * (uint64_t)ds::PHILOX_M0, p1 = c2 * (uint64_t)ds::PHILOX_M1;
-    c0 = ((p1 >> 32) ^ c1 ^ (uint64_t)k0) & lo;
-    c2 = ((p0 >> 32) ^ c3 ^ (uint64_t)k1) & lo;
-    c1 = p1 & lo;
-    c3 = p0 & lo;
+    // (the masks before the products let the compiler use 32 x 32 -> 64-bit lane multiplies)
+    const vq8 p0 = (c0 & lo) * (uint64_t)ds::PHILOX_M0, p1 = (c2 & lo) * (uint64_t)ds::PHILOX_M1;
+    c0 = (p1 >> 32) ^ c1 ^ (uint64_t)k0;
+    c2 = (p0 >> 32) ^ c3 ^ (uint64_t)k1;
+    c1 = p1;
+    c3 = p0;
     k0 += ds::PHILOX_W0;
     k1 += ds::PHILOX_W1;
   }
-  return c0;
+  return c0 & lo;
 }
 
 struct DropArgs {
@@ -545,39 +549,76 @@ struct DropArgs {
   double mult;    // 1 / (1 - dropout_p)
 };
 
-// z[r, t] = keep(query i0 + r, key keys[t]) * mult; columns n .. ld - 1 zero
-CVINL void dropout_body(const DropArgs& a) {
-  const float mf = (float)a.mult;
+// z[r, t] = keep(query i0 + r, key keys[t]) * mult (fp32); columns n .. ld - 1 zero (ld: a multiple of 16).
+// Each row takes 16 keys at a time as two independent groups of 8 lanes (the rounds are a dependency
+// chain: two keep the multipliers busy); the keep bits become the multipliers by lane masks.
+typedef int64_t vl8 __attribute__((vector_size(64)));
+typedef int32_t vi8h __attribute__((vector_size(32)));
+typedef float vf8h __attribute__((vector_size(32)));
+
+CVINL void store_keep(float* z, vl8 keep, float mult) {
+  const vi8h m = __builtin_convertvector(keep, vi8h);  // -1 / 0 per lane
+  int32_t bits;
+  std::memcpy(&bits, &mult, sizeof(bits));
+  const vf8h v = (vf8h)(m & bits);
+  std::memcpy(z, &v, sizeof(v));
+}
+CVINL void dropout_rows(const DropArgs& a, float* z) {
+  const float mult = (float)a.mult;
+  const vq8 bh = vq8{} + (uint64_t)a.bh, dir = vq8{} + (uint64_t)a.dir;
+  const vl8 kmin = vl8{} + (int64_t)a.kmin;
+  const vl8 iota = {0, 1, 2, 3, 4, 5, 6, 7};
   for (int64_t r = 0; r < a.m; ++r) {
-    const uint64_t i = (uint32_t)(a.i0 + r);
-    for (int64_t t0 = 0; t0 < a.n; t0 += 8) {
-      const int64_t nt = std::min<int64_t>(8, a.n - t0);
-      uint64_t x[8];
-      for (int l = 0; l < 8; ++l) x[l] = l < nt ? (uint32_t)a.keys[t0 + l] : 0u;
-      vq8 c0;
-      std::memcpy(&c0, x, sizeof(x));
-      c0 = philox10_x8(c0, vq8{} + i, vq8{} + (uint64_t)a.bh, vq8{} + (uint64_t)a.dir, a.k0, a.k1);
-      std::memcpy(x, &c0, sizeof(x));
-      for (int64_t l = 0; l < nt; ++l) {
-        const bool keep = (x[l] >> 8) >= a.kmin;
-        if (a.dbl)
-          static_cast<double*>(a.z)[r * a.ld + t0 + l] = keep ? a.mult : 0.0;
-        else
-          static_cast<float*>(a.z)[r * a.ld + t0 + l] = keep ? mf : 0.0f;
-      }
+    float* zr = z + r * a.ld;
+    const vq8 row = vq8{} + (uint64_t)(uint32_t)(a.i0 + r);
+    for (int64_t t0 = 0; t0 < a.n; t0 += 16) {
+      uint64_t key[16];
+      for (int l = 0; l < 16; ++l) key[l] = t0 + l < a.n ? (uint32_t)a.keys[t0 + l] : 0u;
+      vq8 ka, kb;
+      std::memcpy(&ka, key, sizeof(ka));
+      std::memcpy(&kb, key + 8, sizeof(kb));
+      const vq8 xa = philox10_x8(ka, row, bh, dir, a.k0, a.k1);
+      const vq8 xb = philox10_x8(kb, row, bh, dir, a.k0, a.k1);
+      const vl8 in_a = (iota + t0) < a.n, in_b = (iota + (t0 + 8)) < a.n;
+      store_keep(zr + t0, ((vl8)(xa >> 8) >= kmin) & in_a, mult);  // (< 2**24: a signed compare)
+      store_keep(zr + t0 + 8, ((vl8)(xb >> 8) >= kmin) & in_b, mult);
     }
-    for (int64_t t = a.n; t < a.ld; ++t) {
-      if (a.dbl)
-        static_cast<double*>(a.z)[r * a.ld + t] = 0.0;
-      else
-        static_cast<float*>(a.z)[r * a.ld + t] = 0.0f;
-    }
+    for (int64_t t = round_up(a.n, 16); t < a.ld; ++t) zr[t] = 0.0f;
   }
 }
 
-VLOPS_ISA_ENTRY(dropout_tile_x, void, (const DropArgs& a), dropout_body(a))
+// The same multipliers one pair at a time with the scalar ds::philox4x32_10: GCC lowers the 64-bit lane
+// products of the vector version to long shift / add sequences without AVX-512 (no vpmullq).
+template <class S>
+void dropout_rows_scalar(const DropArgs& a, S* z) {
+  const S mult = (S)a.mult;
+  for (int64_t r = 0; r < a.m; ++r) {
+    S* zr = z + r * a.ld;
+    for (int64_t t = 0; t < a.n; ++t) {
+      uint32_t c0 = (uint32_t)a.keys[t], c1 = (uint32_t)(a.i0 + r), c2 = a.bh, c3 = a.dir;
+      ds::philox4x32_10(c0, c1, c2, c3, a.k0, a.k1);
+      zr[t] = (c0 >> 8) >= a.kmin ? mult : (S)0;
+    }
+    for (int64_t t = a.n; t < a.ld; ++t) zr[t] = (S)0;
+  }
+}
 
-void dropout_tile(int isa, const DropArgs& a) { VLOPS_ISA_DISPATCH(isa, dropout_tile_x, a); }
+#if VLOPS_ISA_X86
+VLOPS_ISA_AVX512 void dropout_tile_avx512(const DropArgs& a) { dropout_rows(a, static_cast<float*>(a.z)); }
+#endif
+
+void dropout_tile(int isa, const DropArgs& a) {
+#if VLOPS_ISA_X86
+  if (isa == ISA_AVX512 && !a.dbl && a.ld % 16 == 0) {
+    dropout_tile_avx512(a);
+    return;
+  }
+#endif
+  if (a.dbl)
+    dropout_rows_scalar<double>(a, static_cast<double*>(a.z));
+  else
+    dropout_rows_scalar<float>(a, static_cast<float*>(a.z));
+}
 
 // ------------------------------------------------------------------------------------------------
 // fp16 <-> fp32 rows with the F16C instructions (AVX2 / AVX-512 machines); the portable baseline uses
@@ -709,9 +750,9 @@ inline void zero_row(E* dst, int64_t d) {
 }
 
 // Operand rows in the compute type, gathered into a contiguous per-thread buffer (converted, zero-padded
-// to dp). Gathered for fp32 too: the rows of one head in a [B, N, H, d] tensor are H * d elements apart,
-// typically a multiple of 4 KiB, so read in place they would share a few L1 sets; each gathered row is
-// then read from L1 by every tile that needs it.
+// to dp, so the tiles need no tails). Gathered for fp32 too: the rows of one head in a [B, N, H, d] tensor
+// are H * d elements apart, typically a multiple of 4 KiB (they would share a few L1 sets); each row is
+// read from memory once and then from L1 by every tile that needs it.
 template <class S, class E>
 const S* rows_range(S* buf, const E* base, int64_t sn, int64_t r0, int64_t m, int64_t d, int64_t dp, int isa) {
   gather_rows<S, E>(buf, dp, base, sn, r0, nullptr, m, d, isa);
@@ -1062,7 +1103,8 @@ void bwd_item(const Common& c, const Side<S, E>& sd, const BwdItem& it, BwdScrat
     }
   }
   if (it.do_q) {
-    for (int64_t r = 0; r < mq; ++r) store_row<S, E>(dqo + (q0 + r) * orow, w.dq.p + r * dp, d, (S)c.scale, c.stream, c.isa);
+    for (int64_t r = 0; r < mq; ++r)
+      store_row<S, E>(dqo + (q0 + r) * orow, w.dq.p + r * dp, d, (S)c.scale, c.stream, c.isa);
   }
 }
 
