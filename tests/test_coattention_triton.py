@@ -485,15 +485,9 @@ def _bad_input_checks(torch, k, device):
         ("grads", "grads", bwd(grads=(tq,) * 5)),
     ]
     out = []
-    for id_, name, fn in bad:
-        try:
-            fn()
-            out.append({"id": f"bad-{id_}", "ok": False, "msg": "no error"})
-        except ValueError as e:
-            out.append({"id": f"bad-{id_}", "ok": name in str(e), "msg": str(e)})
-        except Exception as e:  # noqa: BLE001
-            out.append({"id": f"bad-{id_}", "ok": False, "msg": repr(e)})
-    return out
+    from triton_worker import bad_input_results
+
+    return out + bad_input_results(bad)
 
 
 def _worker(device: str, out_json: str, seed: int) -> int:
