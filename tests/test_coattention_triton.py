@@ -522,7 +522,7 @@ def _worker(device: str, out_json: str, seed: int) -> int:
 # --------------------------------------------------------------------------------------------
 # pytest side (no triton import here)
 
-from triton_worker import assert_collected_by_aot, worker_fixtures  # noqa: E402
+from triton_worker import assert_bad_inputs_ok, assert_collected_by_aot, worker_fixtures  # noqa: E402
 
 interp_results, gpu_results = worker_fixtures(__file__, "coattention")
 
@@ -594,8 +594,7 @@ def test_interpreter_keep_threshold(interp_results):
 
 def test_interpreter_bad_input(interp_results):
     """Bad arguments raise ValueError naming the argument."""
-    bad = [f"{r['id']}: {r['msg']}" for r in interp_results["bad_input"] if not r["ok"]]
-    assert not bad, "\n".join(bad)
+    assert_bad_inputs_ok(interp_results)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
@@ -604,8 +603,7 @@ def test_gpu(gpu_results, case):
 
 
 def test_gpu_bad_input(gpu_results):
-    bad = [f"{r['id']}: {r['msg']}" for r in gpu_results["bad_input"] if not r["ok"]]
-    assert not bad, "\n".join(bad)
+    assert_bad_inputs_ok(gpu_results)
 
 
 def test_aot_collects_coattention():

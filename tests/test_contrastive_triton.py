@@ -262,7 +262,7 @@ def _worker(device: str, out_json: str, seed: int) -> int:
 # --------------------------------------------------------------------------------------------
 # pytest side (no triton import here)
 
-from triton_worker import assert_collected_by_aot, worker_fixtures  # noqa: E402
+from triton_worker import assert_bad_inputs_ok, assert_collected_by_aot, worker_fixtures  # noqa: E402
 
 interp_results, gpu_results = worker_fixtures(__file__, "contrastive")
 
@@ -290,8 +290,7 @@ def test_interpreter(interp_results, case):
 
 
 def test_interpreter_bad_input(interp_results):
-    for r in interp_results["bad_input"]:
-        assert r["ok"], f"{r['id']}: {r['msg']}"
+    assert_bad_inputs_ok(interp_results)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])

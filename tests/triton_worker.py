@@ -90,3 +90,11 @@ def bad_input_results(bad) -> list[dict]:
         except Exception as e:  # noqa: BLE001 - any other exception is a failure, reported with its type
             out.append({"id": f"bad-{id_}", "ok": False, "msg": repr(e)})
     return out
+
+
+def assert_bad_inputs_ok(results: dict) -> None:
+    """Every bad-input record of a worker's results (see :func:`bad_input_results`) passed; all failures
+    listed in one message."""
+    bad = [f"{r['id']}: {r['msg']}" for r in results["bad_input"] if not r["ok"]]
+    assert results["bad_input"], "the worker ran no bad-input checks"
+    assert not bad, "\n".join(bad)
