@@ -18,9 +18,14 @@ float64 autograd of that.
 Each case draws fresh inputs (contiguous, views of a fused QKV projection, or strided slices at odd offsets),
 lengths (full, padded, zero valid keys) and masks, runs the launchers into outputs poisoned with NaN and
 checks: relative error ``||out - ref|| / ||ref||`` of t_out, i_out, t_lse, i_lse and the six gradients, fp32
-<= 1e-5 (interpreter: exact fp32 dots; GPU: tf32x3), bf16 / fp16 <= 1e-2 and at most twice the error of the
-same math done eagerly by PyTorch in that dtype (and the outputs at most 3x the error of the float64 result
-rounded to the dtype); lse <= 1e-5 for every dtype. Exact: ``lse = -inf`` and zero outputs / dq for rows with
+<= 1e-5 (interpreter: exact fp32 dots; GPU: tf32x3), bf16 / fp16 <= 1e-2 and, for the outputs, at most twice
+the error of the same math done eagerly by PyTorch in that dtype and at most 3x the error of the float64
+result rounded to the dtype; for the gradients at most the larger of twice the eager error and 4x the
+rounding error (``GRAD_ROUNDED_RATIO``; no less than 2**-14): the backward forms ``rowsum(dout * out)`` from
+the rounded output, as flash attention does, where eager differentiates the unrounded softmax, so on some
+draws (one-hot output gradients, dropout 0.5) its error is 2x eager's and on others eager's error is 0 (an
+exactly representable gradient); over many seeds the error stays under 0.75x this bound. lse <= 1e-5 for
+every dtype. Exact: ``lse = -inf`` and zero outputs / dq for rows with
 no valid key (mode 0), dk = dv = 0 for invalid keys (mode 0). One kind of row is ill-conditioned by the
 contract itself: in mode 1 a row whose keys are all invalid has scores ``s - 10000`` rounded to fp32 (a spacing
 of 2**-10) and an fp32 lse near -10000 (same spacing), so its p carry ~5e-4 relative errors whatever the
@@ -48,6 +53,7 @@ TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
 LSE_TOL = 1e-5
 ILL_TOL = {"float32": 2e-3, "bfloat16": 1e-2, "float16": 1e-2}  # mode 1, rows with no valid key (see above)
 ROUNDED_RATIO = 3.0  # 16-bit outputs: at most 3x the error of the float64 result rounded to the dtype
+GRAD_ROUNDED_RATIO = 4.0  # 16-bit gradients: at most max(2x eager, 4x rounded, 2**-14), see the docstring
 GRAD_NAMES = ("d_tq", "d_tk", "d_tv", "d_iq", "d_ik", "d_iv")
 # direction of each output: 0 (text queries, image keys) or 1
 DIRECTION = {"t_out": 0, "t_lse": 0, "i_out": 1, "i_lse": 1, "d_tq": 0, "d_ik": 0, "d_iv": 0, "d_iq": 1,
@@ -527,7 +533,7 @@ from triton_worker import assert_bad_inputs_ok, assert_collected_by_aot, worker_
 interp_results, gpu_results = worker_fixtures(__file__, "coattention")
 
 
-def _check_err(what, e, dtype, seed):
+def _check_err(what, e, dtype, seed, grad=False):
     tol = TOL[dtype]
     assert e["shape_ok"], f"{what}: wrong shape, dtype or layout"
     assert e["nonfinite"] == 0, f"{what}: {e['nonfinite']} NaN / inf (unwritten?) elements, seed {seed}"
@@ -536,9 +542,14 @@ def _check_err(what, e, dtype, seed):
         assert e["err_ill"] <= ILL_TOL[dtype], (f"{what}: relative error {e['err_ill']:.3e} > {ILL_TOL[dtype]:g} "
                                                 f"on the mode-1 rows with no valid key, seed {seed}")
     if "err_eager" in e:
-        bound = max(2 * e["err_eager"], 1e-6)
-        assert e["err_reg16"] <= bound, (f"{what}: relative error {e['err_reg16']:.3e} > 2x the eager {dtype} error "
-                                         f"({e['err_eager']:.3e}), seed {seed}")
+        if grad:
+            bound = max(2 * e["err_eager"], GRAD_ROUNDED_RATIO * e["err_rounded"], 2.0 ** -14)
+        else:
+            bound = max(2 * e["err_eager"], 1e-6)
+        assert e["err_reg16"] <= bound, (f"{what}: relative error {e['err_reg16']:.3e} > {bound:.3e}: 2x the eager "
+                                         f"{dtype} error ({e['err_eager']:.3e})"
+                                         + (f" or {GRAD_ROUNDED_RATIO}x the rounding error ({e['err_rounded']:.3e})"
+                                            if grad else "") + f", seed {seed}")
 
 
 def _check_case(res, case):
@@ -572,7 +583,7 @@ def _check_case(res, case):
         assert r["bwd_inputs_unchanged"], "the backward launcher modified an input"
         assert r["returned_grads"], "the backward did not return the preallocated gradients"
         for name in GRAD_NAMES:
-            _check_err(name, r["bwd"][name], dt, seed)
+            _check_err(name, r["bwd"][name], dt, seed, grad=True)
         if case["mode"] == 0:
             assert r["invalid_keys_zero"], "invalid keys (mode 0) must get dk = dv = 0 exactly"
             assert r["empty_rows_dq_zero"], "a row with no valid key (mode 0) must get dq = 0 exactly"
