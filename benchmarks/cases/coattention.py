@@ -7,6 +7,10 @@
   attentions; hidden 768 text / 1024 image, bi_hidden 1024): vilbert-multi-task's eager math
   (``vlops.reference.coattention.ViLBERTBiAttention``, extended -10000 masks) vs ``vlops.nn.CoAttention`` with
   the same weights.
+- ``vqa_vilbert_attn``: the attention part of that module alone, on the same [B, N, H, d] projections as
+  ``vqa``: the module's eager math (``ViLBERTBiAttention._attend``: matmul, scale, + the extended -10000
+  mask, softmax, matmul, permute to [B, N, H d]) for both directions vs ``vlops.co_attention``. The six
+  projections, the same GEMMs in both, are what ``vqa_vilbert`` adds.
 - ``long`` (CUDA): Nt = 512, Nv = 2048 (random lengths from half to full), 8 heads, d = 128, vs SDPA.
 
 Sizes (``--sizes``): ``headline``: batch 32 fp32 (CPU) / batch 256 bf16 (CUDA); ``long``: CUDA only, batch 8
@@ -52,7 +56,25 @@ def _relerr(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _sdpa_case(name, B, H, d, Nt, Nv, t_range, i_range, pass_, dtype, device, size):
+def _eager_vilbert_attention(B, H, d, Nt, Nv, t_keep, i_keep, dtype):
+    """The attention math of the eager ViLBERT module on [B, N, H, d] projections (both directions)."""
+    from vlops.reference.coattention import ViLBERTBiAttention, ViLBERTConfig, extended_attention_mask
+
+    m = ViLBERTBiAttention(ViLBERTConfig(hidden_size=H * d, v_hidden_size=H * d, bi_hidden_size=H * d,
+                                         bi_num_attention_heads=H)).eval()
+    t_ext, i_ext = extended_attention_mask(t_keep, dtype), extended_attention_mask(i_keep, dtype)  # [B, 1, 1, N]
+
+    def fn(ts):
+        tq, tk, tv, iq, ik, iv = (t.transpose(1, 2) for t in ts)  # [B, H, N, d], as transpose_for_scores
+        t_out = m._attend(tq, ik, iv, i_ext, m.dropout1)[0]
+        i_out = m._attend(iq, tk, tv, t_ext, m.dropout2)[0]
+        return t_out.view(B, Nt, H, d), i_out.view(B, Nv, H, d)
+    return fn
+
+
+def _attention_case(name, B, H, d, Nt, Nv, t_range, i_range, pass_, dtype, device, size, baseline="sdpa"):
+    """Fused vs two masked SDPA calls (``baseline="sdpa"``) or vs the eager ViLBERT attention math
+    (``"vilbert"``), on the same [B, N, H, d] projections."""
     import vlops
 
     grad = pass_ != "forward"
@@ -68,11 +90,15 @@ def _sdpa_case(name, B, H, d, Nt, Nv, t_range, i_range, pass_, dtype, device, si
         gos = [torch.randn(B, n, H, d, device=device, dtype=dtype) for n in (Nt, Nv)] if grad else []
         return {"ts": ts, "gos": gos}
 
-    def eager_fn(ts):
+    def sdpa_fn(ts):
         tq, tk, tv, iq, ik, iv = (t.transpose(1, 2) for t in ts)  # [B, H, N, d] views
         t_out = F.scaled_dot_product_attention(tq, ik, iv, attn_mask=i_mask).transpose(1, 2)
         i_out = F.scaled_dot_product_attention(iq, tk, tv, attn_mask=t_mask).transpose(1, 2)
         return t_out, i_out
+
+    if baseline not in ("sdpa", "vilbert"):
+        raise ValueError(f"baseline must be 'sdpa' or 'vilbert', got {baseline!r}")
+    eager_fn = sdpa_fn if baseline == "sdpa" else _eager_vilbert_attention(B, H, d, Nt, Nv, t_keep, i_keep, dtype)
 
     def fused_fn(ts):
         return vlops.co_attention(*ts, text_lengths=t_len, image_lengths=i_len)
@@ -95,9 +121,11 @@ def _sdpa_case(name, B, H, d, Nt, Nv, t_range, i_range, pass_, dtype, device, si
 
     flops, nbytes = _attention_floor(B, H, d, Nt, Nv, t_len, i_len, grad, dtype_bytes(dtype))
     note = (f"H {H}, d {d}, text lengths {t_range[0]}..{t_range[1]} of {Nt}, image lengths "
-            f"{i_range[0]}..{i_range[1]} of {Nv}; baseline: two SDPA calls with boolean key masks")
+            f"{i_range[0]}..{i_range[1]} of {Nv}; baseline: "
+            + ("two SDPA calls with boolean key masks" if baseline == "sdpa"
+               else "the eager ViLBERT module's attention math, -10000 masks"))
     return Case(name=name, op=OP, dtype=dtype, size=size, pass_=pass_, make=make, eager=run(eager_fn),
-                fused=run(fused_fn), floor_bytes=nbytes, floor_flops=flops, eager_label="sdpa", check=_relerr,
+                fused=run(fused_fn), floor_bytes=nbytes, floor_flops=flops, eager_label=baseline, check=_relerr,
                 reset=reset, note=note, backends=("cpu", "triton", "reference"))
 
 
@@ -169,13 +197,15 @@ def cases(device, quick: bool, sizes=None, dtypes=None):
     vilbert = ViLBERTConfig(hidden_size=768, v_hidden_size=1024, bi_hidden_size=1024, bi_num_attention_heads=8)
     for s in sorted(labels):
         if s == "small":
-            plan = [("vqa", dict(B=2, H=2, d=64, Nt=8, Nv=13, t=(8, 8), i=(5, 13)), [torch.float32]),
+            small = dict(B=2, H=2, d=64, Nt=8, Nv=13, t=(8, 8), i=(5, 13))
+            plan = [("vqa", small, [torch.float32]), ("vqa_vilbert_attn", small, [torch.float32]),
                     ("vqa_vilbert", dict(B=2, Nt=8, Nv=13, i=(5, 13),
                                          cfg=ViLBERTConfig(hidden_size=96, v_hidden_size=128, bi_hidden_size=128,
                                                            bi_num_attention_heads=2)), [torch.float32])]
         elif s == "headline":
             B, dts = (256, [torch.bfloat16]) if cuda else (32, [torch.float32])
             plan = [("vqa", dict(B=B, H=8, d=128, Nt=20, Nv=101, t=(20, 20), i=(37, 101)), dts),
+                    ("vqa_vilbert_attn", dict(B=B, H=8, d=128, Nt=20, Nv=101, t=(20, 20), i=(37, 101)), dts),
                     ("vqa_vilbert", dict(B=B, Nt=20, Nv=101, i=(37, 101), cfg=vilbert), dts)]
         elif s == "long" and cuda:
             plan = [("long", dict(B=8, H=8, d=128, Nt=512, Nv=2048, t=(256, 512), i=(1024, 2048)),
@@ -191,5 +221,6 @@ def cases(device, quick: bool, sizes=None, dtypes=None):
                                             size)
                     else:
                         size = f"{kw['B']}x{kw['H']}x{kw['Nt']}x{kw['Nv']}x{kw['d']}"
-                        yield _sdpa_case(name, kw["B"], kw["H"], kw["d"], kw["Nt"], kw["Nv"], kw["t"], kw["i"], pass_,
-                                         dt, device, size)
+                        yield _attention_case(name, kw["B"], kw["H"], kw["d"], kw["Nt"], kw["Nv"], kw["t"], kw["i"],
+                                              pass_, dt, device, size,
+                                              baseline="vilbert" if name == "vqa_vilbert_attn" else "sdpa")
