@@ -204,8 +204,10 @@ def _run_case(torch, k, c, gen, device):
     err["col_lse"] = _rel_mag(torch, col, col_ref, s64 * raw_abs.max(0).values)
     err["clip_da"] = _rel(torch, cda, W @ B)
     err["clip_db"] = _rel(torch, cdb, W.T @ A)
-    ds_terms = R * (raw - ctr_r[:, None]) + Cc * (raw - ctr_c[None, :])
-    err["clip_dscale"] = _rel_scalar(torch, cds, ds_terms.sum(), ds_terms.abs().sum().item())
+    # two terms per pair, each rounded at its own size: their absolute values count separately (one pair,
+    # N = M = 1, can have terms of 0.13 and -0.13 whose sum is 4e-4)
+    ds_r, ds_c = R * (raw - ctr_r[:, None]), Cc * (raw - ctr_c[None, :])
+    err["clip_dscale"] = _rel_scalar(torch, cds, (ds_r + ds_c).sum(), (ds_r.abs() + ds_c.abs()).sum().item())
     err["sig_loss"] = _rel_scalar(torch, loss, sp.sum(), sp.abs().sum().item())
     err["sig_da"] = _rel(torch, sda, Ws @ B)
     err["sig_db"] = _rel(torch, sdb, Ws.T @ A)
