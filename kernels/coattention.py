@@ -703,10 +703,18 @@ def _aligned(*tensors) -> bool:
     return all(t.data_ptr() % 16 == 0 and all(s % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
 
 
+_KINDS = ("fwd", "bwd_dq", "bwd_dkdv")
+
+
 def _cfg(kind, tq, d, n_max, dropout, aligned, blocks):
     """block_config plus the test / tuning overrides ``blocks`` (BLOCK_M, BLOCK_N, CHUNK_D, BLOCK_DO:
-    powers of 2; num_warps, num_stages)."""
+    powers of 2; num_warps, num_stages), or a dict of such overrides per kernel kind ({"bwd_dq": {...},
+    "bwd_dkdv": {...}}; a kind not named keeps its defaults)."""
     cfg = block_config(kind, tq.element_size(), d, n_max, dropout, aligned)
+    if blocks and any(k in _KINDS for k in blocks):
+        _check(all(k in _KINDS for k in blocks), f"blocks: mixes kernel kinds {_KINDS} with tile keys: {blocks!r}")
+        blocks = blocks.get(kind)
+        _check(blocks is None or isinstance(blocks, dict), f"blocks[{kind!r}] must be a dict, got {blocks!r}")
     for k, v in (blocks or {}).items():
         _check(k in ("BLOCK_M", "BLOCK_N", "CHUNK_D", "BLOCK_DO", "num_warps", "num_stages"),
                f"blocks: unknown key {k!r}")
@@ -813,7 +821,8 @@ def co_attention_bwd(t_dout, i_dout, tq, tk, tv, iq, ik, iv, t_out, i_out, t_lse
     contract in vlops/ops/coattention.py and "Backward" in the module docstring). Keyword-only: ``grads``
     the six outputs preallocated; ``blocks`` overrides as for :func:`co_attention_fwd`, applied to both
     backward kernels (BLOCK_M: queries per tile, BLOCK_N: keys per tile), and BLOCK_DO (dk / dv columns per
-    program, < BLOCK_D only with CHUNK_D < BLOCK_D)."""
+    program, < BLOCK_D only with CHUNK_D < BLOCK_D); or ``{"bwd_dq": {...}, "bwd_dkdv": {...}}``, one set
+    per kernel."""
     import torch
 
     B, Nt, Nv, H, d = _validate(tq, tk, tv, iq, ik, iv, t_len, i_len, t_mask, i_mask, scale, mask_mode,
@@ -854,14 +863,14 @@ _FLOAT_SCALARS = ("scale", "scale_log2", "drop_scale")
 
 
 def _aot_spec(kind: str, dtype: str, d: int, n_max: int | None = None, mode: int = 0, masks: str = "",
-              dropout: bool = False, aligned: bool = True):
+              dropout: bool = False, aligned: bool = True, tiles: dict | None = None):
     """One kernel specialisation: ``kind`` ("fwd", "bwd_dq", "bwd_dkdv"), input ``dtype``, head dim ``d``,
     the tiles :func:`block_config` picks for ``n_max``, mask ``mode``, boolean masks on ``masks`` ("t",
     "i", "ti"), dropout. ``aligned``: the token / head / batch strides divisible by 16 (contiguous
     tensors or views of a fused QKV projection with H d a multiple of 16; Triton specialises such
-    integers at run time too)."""
+    integers at run time too). ``tiles``: overrides of the block_config entries (tile studies)."""
     fn = _KERNELS[kind]
-    cfg = block_config(kind, _ELEM_SIZE[dtype], d, n_max, dropout, aligned)
+    cfg = {**block_config(kind, _ELEM_SIZE[dtype], d, n_max, dropout, aligned), **(tiles or {})}
     constexprs = dict(MODE=mode, T_MASK="t" in masks, I_MASK="i" in masks, DROPOUT=dropout, HEAD_D=d,
                       BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                       CHUNK_D=cfg["CHUNK_D"], F32_DOT=False)
@@ -876,6 +885,8 @@ def _aot_spec(kind: str, dtype: str, d: int, n_max: int | None = None, mode: int
         divisible += [n for n in fn.arg_names if n.startswith("s_")]
     tag = ("_short" if n_max is not None and n_max <= 128 else "") + (f"_mode{mode}" if mode else "") + \
         (f"_mask{masks}" if masks else "") + ("_dropout" if dropout else "") + ("" if aligned else "_unaligned")
+    if tiles:
+        tag += "_" + "_".join(f"{k}{v}" for k, v in sorted(tiles.items()))
     return {"name": f"coattention_{kind}_{dtype}_d{d}{tag}", "kernel": fn, "signature": signature,
             "constexprs": constexprs, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
             "divisibility_16": divisible, "matmul": True}

@@ -63,6 +63,13 @@ DIRECTION = {"t_out": 0, "t_lse": 0, "i_out": 1, "i_lse": 1, "d_tq": 0, "d_ik": 
 # --------------------------------------------------------------------------------------------
 # The cases (plain data: collected without importing torch / triton)
 
+def _blocks_id(blocks: dict) -> str:
+    """``{"BLOCK_M": 16, "CHUNK_D": 32}`` -> ``M16_CHUNK_D32``; per-kernel dicts -> ``bwd_dq-M16_N32.bwd_dkdv-...``."""
+    if any(isinstance(v, dict) for v in blocks.values()):
+        return ".".join(f"{kind}-{_blocks_id(v)}" for kind, v in blocks.items())
+    return "_".join(f"{k[6:] if k.startswith('BLOCK_') else k}{v}" for k, v in blocks.items())
+
+
 def _cases() -> list[dict]:
     cases = []
 
@@ -73,8 +80,7 @@ def _cases() -> list[dict]:
         c["id"] = (f"{c['dtype'].replace('float', 'f')}-B{c['B']}t{c['Nt']}v{c['Nv']}H{c['H']}d{c['d']}"
                    f"-mode{c['mode']}-{c['lens']}" + (f"-mask{c['masks']}" if c["masks"] else "")
                    + (f"-p{c['p']:g}" if c["p"] else "") + (f"-{c['layout']}" if c["layout"] != "contig" else "")
-                   + ("-blk" + "_".join(f"{k[6:] if k.startswith('BLOCK_') else k}{v}" for k, v in c["blocks"].items())
-                      if c["blocks"] else "")
+                   + ("-blk" + _blocks_id(c["blocks"]) if c["blocks"] else "")
                    + ("" if c["bwd"] else "-fwdonly") + ("-probe" if c["probe"] else "")
                    + ("-twice" if c["twice"] else ""))
         cases.append(c)
@@ -95,6 +101,8 @@ def _cases() -> list[dict]:
     add(d=16, H=3, mode=0, lens="pad")
     add(d=64, B=1, H=1, Nt=9, Nv=23, mode=1, lens="pad")
     add(d=24, H=1, mode=0, lens="pad", blocks=small)
+    # tiles per kernel (the tile study's form): the forward at its defaults, dq and dk / dv each their own
+    add(B=1, H=1, Nt=9, Nv=23, mode=0, lens="pad", blocks={"bwd_dq": {"BLOCK_M": 16, "BLOCK_N": 32}, "bwd_dkdv": small})
     # the chunked score products and split dk / dv columns (fp32 at head dim 128 on a GPU)
     add(d=64, B=1, H=2, Nt=17, Nv=33, mode=0, lens="pad", blocks=chunked)
     add(d=64, B=1, H=1, Nt=17, Nv=33, mode=1, lens="zero-i", masks="t", p=0.25, blocks=chunked)
@@ -454,7 +462,7 @@ def _bad_input_checks(torch, k, device):
         a = dict(t_dout=mk(Nt), i_dout=mk(Nv), tq=tq, tk=tk, tv=tv, iq=iq, ik=ik, iv=iv, t_out=outs[0], i_out=outs[1],
                  t_lse=outs[2], i_lse=outs[3], t_len=t_len, i_len=i_len, t_mask=None, i_mask=None, scale=0.25,
                  mask_mode=0, dropout_p=0.0, seed=0)
-        extra = {x: kw.pop(x) for x in ("grads",) if x in kw}
+        extra = {x: kw.pop(x) for x in ("grads", "blocks") if x in kw}
         a.update(kw)
         return lambda: k.co_attention_bwd(*a.values(), **extra)
 
@@ -482,6 +490,8 @@ def _bad_input_checks(torch, k, device):
                                    (("tq", Nt), ("tk", Nt), ("tv", Nt), ("iq", Nv), ("ik", Nv), ("iv", Nv))})),
         ("out", "out", fwd(out=(outs[0], outs[1], outs[2], outs[2]))),
         ("blocks", "blocks", fwd(blocks={"BLOCK_M": 24})),
+        ("blocks-mixed", "blocks", fwd(blocks={"fwd": {"BLOCK_M": 16}, "BLOCK_N": 16})),
+        ("blocks-kind", "blocks", bwd(blocks={"bwd_dq": 16})),
         ("t_dout-shape", "t_dout", bwd(t_dout=mk(Nv))),
         ("i_dout-dtype", "i_dout", bwd(i_dout=mk(Nv, torch.float16))),
         ("t_out-contiguous", "t_out", bwd(t_out=torch.randn(B, Nt, d, H, device=device).transpose(2, 3))),
