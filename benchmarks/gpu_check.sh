@@ -20,7 +20,10 @@
 # GPU_BENCH_ARGS, GPU_TUNE_ARGS and GPU_TEST_ARGS add words to the bench, tune and gpu-tests commands (e.g.
 # "--ops contrastive", "--huge 0", "tests/test_contrastive.py"); GPU_TUNE_ARGS=skip leaves the study out.
 # GPU_TUNE_SCRIPT picks the study (default benchmarks/contrastive_tune.py; benchmarks/patch_embed_tune.py is
-# the patch stem's). GPU_TESTS_BACKGROUND=1 starts the gpu-tests stage right after the build, beside bench
+# the patch stem's, benchmarks/coattention_tune.py the co-attention's). GPU_TUNE_SCRIPTS runs several instead,
+# one per stage (tune1, tune2, ...): entries separated by ';', each a script and its arguments, e.g.
+# "benchmarks/patch_embed_tune.py --trials 3; benchmarks/coattention_tune.py --cases long"; GPU_TUNE_MAX is the
+# time limit of each (default 150 s). GPU_TESTS_BACKGROUND=1 starts the gpu-tests stage right after the build, beside bench
 # and tune (its output goes to OUTDIR/tests.txt and joins the log at the end): the tests' first minutes
 # are Triton compiles on the CPU; their small kernels share the GPU with the timed runs while they last.
 #
@@ -118,9 +121,18 @@ main() {
     fi
     # shellcheck disable=SC2086  # GPU_BENCH_ARGS / GPU_TEST_ARGS: extra words, e.g. "--ops contrastive"
     stage bench 200 python3 benchmarks/run.py --device cuda --out "$OUTDIR" --verbose ${GPU_BENCH_ARGS:-}
-    if [ "${GPU_TUNE_ARGS:-}" != skip ]; then
+    if [ -n "${GPU_TUNE_SCRIPTS:-}" ]; then
+        local i=0 entry
+        IFS=';' read -ra tunes <<<"$GPU_TUNE_SCRIPTS"
+        for entry in "${tunes[@]}"; do
+            [ -z "${entry// /}" ] && continue
+            i=$((i + 1))
+            # shellcheck disable=SC2086  # the entry: a script and its arguments
+            stage "tune$i" "${GPU_TUNE_MAX:-150}" python3 $entry
+        done
+    elif [ "${GPU_TUNE_ARGS:-}" != skip ]; then
         # shellcheck disable=SC2086
-        stage tune 150 python3 "${GPU_TUNE_SCRIPT:-benchmarks/contrastive_tune.py}" ${GPU_TUNE_ARGS:-}
+        stage tune "${GPU_TUNE_MAX:-150}" python3 "${GPU_TUNE_SCRIPT:-benchmarks/contrastive_tune.py}" ${GPU_TUNE_ARGS:-}
     fi
     if [ -n "$tests_pid" ]; then
         wait "$tests_pid"

@@ -15,11 +15,11 @@ accumulation both; the tile configuration is dropped from the ranking when the e
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
 import torch
+from tune_common import line, rel, timed
 
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODELS = {"vit_b16": (16, 768), "vit_l14": (14, 1024)}  # patch, width (224 px images, 3 channels)
@@ -31,38 +31,6 @@ CONFIGS = [
     (256, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 64, 8, 3),
     (256, 64, 64, 8, 3), (64, 64, 64, 4, 4),
 ]
-
-
-def timed(fn, reps=20, trials=5):
-    """Median milliseconds per call: ``trials`` runs of ``reps`` calls queued back to back."""
-    fn()
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.synchronize()
-    per = []
-    for _ in range(trials):
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            for _ in range(reps):
-                fn()
-            e.record()
-            e.synchronize()
-            per.append(s.elapsed_time(e) / reps)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            per.append((time.perf_counter() - t0) * 1e3 / reps)
-    return statistics.median(per)
-
-
-def line(name, ms, flops, extra=""):
-    print(f"{name:<58s} {ms:9.4f} ms {flops / ms / 1e9:8.1f} TFLOP/s" + (f"  {extra}" if extra else ""), flush=True)
-
-
-def rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
 def study(model, B, dt, dev, n_configs, reps, trials):

@@ -1,0 +1,47 @@
+"""Helpers shared by the tile studies (benchmarks/*_tune.py): timing, one printed line per measurement,
+relative error."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def timed(fn, reps=20, trials=5):
+    """Median milliseconds per call: ``trials`` runs of ``reps`` calls queued back to back (CUDA events on a
+    GPU, wall clock on the CPU), after one untimed call."""
+    fn()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    per = []
+    for _ in range(trials):
+        if cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(reps):
+                fn()
+            e.record()
+            e.synchronize()
+            per.append(s.elapsed_time(e) / reps)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            per.append((time.perf_counter() - t0) * 1e3 / reps)
+    return statistics.median(per)
+
+
+def line(name, ms, flops, extra=""):
+    """``name  ms  TFLOP/s  extra`` (``flops`` per call)."""
+    print(f"{name:<58s} {ms:9.4f} ms {flops / ms / 1e9:8.1f} TFLOP/s" + (f"  {extra}" if extra else ""), flush=True)
+
+
+def rel(a, b):
+    """||a - b|| / ||b|| in fp32 (tensors or sequences of tensors, compared pairwise as one vector)."""
+    if isinstance(a, (tuple, list)):
+        num = sum(float((x.float() - y.float()).norm()) ** 2 for x, y in zip(a, b)) ** 0.5
+        den = sum(float(y.float().norm()) ** 2 for y in b) ** 0.5
+        return num / max(den, 1e-30)
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))

@@ -1,0 +1,45 @@
+"""The tile studies (benchmarks/*_tune.py) run end to end: on CPU tensors under the Triton interpreter, in a
+subprocess, at their smoke sizes. They are GPU tools, so this checks that they launch every kernel kind
+they study, time it, and agree with their own baselines (relative errors printed per configuration) with
+the current launcher signatures; their timings mean nothing here."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, timeout=600):
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
+
+
+def _relerrs(out):
+    return [float(x) for x in re.findall(r"relerr ([0-9.e+-]+)", out)]
+
+
+def test_coattention_tune_smoke():
+    out = _run(["benchmarks/coattention_tune.py", "--device", "cpu", "--smoke", "--reps", "1", "--trials", "1"])
+    for kind in ("fwd", "bwd_dq", "bwd_dkdv"):
+        assert f"smoke {kind} best:" in out, out
+        assert re.search(rf"smoke {kind} default \(", out), out  # block_config's tiles are timed too
+    errs = _relerrs(out)
+    assert len(errs) == 6 and max(errs) < 1e-2, out  # 3 kinds x (default + 1 candidate), bf16 vs SDPA
+    assert "sdpa forward+backward" in out
+
+
+def test_patch_embed_tune_smoke():
+    out = _run(["benchmarks/patch_embed_tune.py", "--device", "cpu", "--batch", "1", "--configs", "1",
+                "--models", "vit_b16", "--reps", "1", "--trials", "1"])
+    errs = _relerrs(out)
+    assert len(errs) == 1 and errs[0] < 1e-2, out
+    assert "vit_b16 best gemm tiles:" in out and out.count("op forward") == 2 and out.count("op backward") == 2
