@@ -24,8 +24,8 @@ def _round_to(w, dtype: tl.constexpr, F32_DOT: tl.constexpr):
     """fp32 ``w`` rounded to nearest even to ``dtype`` (as a dot operand or for a store). Under the
     interpreter (F32_DOT) bf16 rounding is done on the bits (the interpreter's fp32 -> bf16 cast truncates,
     and its "rtne" mode does not carry into the exponent) and the value stays fp32 (exact in bf16, so a
-    final cast is exact)."""
-    if dtype == tl.float32:
+    final cast is exact). ``w`` already in ``dtype`` is returned as it is."""
+    if dtype == tl.float32 or w.dtype == dtype:
         return w
     elif F32_DOT and dtype == tl.bfloat16:
         bits = w.to(tl.uint32, bitcast=True)

@@ -65,13 +65,14 @@ of bf16 tensors). Element offsets of ``out``, the scratch and the image batch te
 Backward (:func:`patch_embed_bwd`, the backward contract of :mod:`vlops.ops.patch_embed`), up to four launches:
 
 1. (only when a LayerNorm is on and the forward's rows ``x0`` are not passed in) ``_patch_gemm_kernel``
-   recomputes ``x0 = W p + bias`` in fp32 into the scratch ``g0`` [B Gh Gw, D] (tf32x3 / 16-bit dots as in
+   recomputes ``x0 = W p + bias`` in fp32 into a scratch [B Gh Gw, D] (tf32x3 / 16-bit dots as in
    the forward). With ``x0`` given (the op layer's path whenever a LayerNorm is on) this launch, a whole
    ``2 B Gh Gw K D``-flop GEMM, is skipped.
 2. ``_patch_norm_bwd_kernel``: program (patch-row block of ``ROWS``, chunk of ``BCHUNK`` images, images in
-   order) reads x0 (``x0``, read only, or the recomputed rows in ``g0``), recomputes LN1 / + pos / LN2
-   statistics of its rows in fp32, runs the LN2 and LN1 backwards and writes ``g0`` = the gradient of x0
-   (over the recomputed x0 in place, or into the scratch when ``x0`` is given); per-program partial sums
+   order) reads x0 (``x0`` or the recomputed rows, read only), recomputes LN1 / + pos / LN2 statistics of
+   its rows in fp32, runs the LN2 and LN1 backwards and writes ``g0`` = the gradient of x0 in the images'
+   dtype (the GEMMs' operand dtype, rounded once to nearest even: the bits they would round fp32 rows to,
+   at half the traffic for 16-bit images); per-program partial sums
    (fixed order, no atomics) of
    d_bias, d_pn_*, d_ln_* ([5, programs, D]) and of d_pos per image chunk ([chunks, Gh Gw, D]), then summed
    by torch over the programs (deterministic).
@@ -83,13 +84,13 @@ Backward (:func:`patch_embed_bwd`, the backward contract of :mod:`vlops.ops.patc
    padding pixels dropped).
 
 For 16-bit inputs g0 is rounded to the input dtype as a dot operand (as flash attention rounds P), the
-products exact in fp32, fp32 accumulation; fp32 uses tf32x3. Memory (beyond what the contract asks): the
-fp32 ``g0`` [B Gh Gw, D] (ViT-B/16, 224 px, B = 256: 154 MB; ViT-L/14: 268 MB), the d_weight partials
+products exact in fp32, fp32 accumulation; fp32 uses tf32x3. Memory (beyond what the contract asks):
+``g0`` [B Gh Gw, D] in the images' dtype (ViT-B/16, 224 px, B = 256, bf16: 77 MB; ViT-L/14: 134 MB; the
+fp32 x0 scratch beside it only when x0 is recomputed), the d_weight partials
 ``4 splits D K`` bytes (ViT-B/16: ~8 x 2.4 MB) and the row-kernel partials (~1024 x 5 x D floats, plus
 chunks x Gh Gw x D for d_pos). No [B Gh Gw, K] buffer. With ``x0`` given, ``g0`` is a separate buffer
 from it (the saved rows are never written), so while the backward runs both exist: the caller's ``x0``
-(held since the forward) and ``g0``. Not yet done: writing g0 over ``x0`` when the caller gives it up
-(it is not needed after step 2), and fusing the d_weight / d_images GEMMs' prologue with the row kernel.
+(held since the forward) and ``g0``. Not yet done: fusing the d_weight / d_images GEMMs' prologue with the row kernel.
 
 Checked only by the interpreter (tests/test_patch_embed_triton.py) and the sm_90a AOT compile
 (tests/test_aot_sm90.py: wgmma, no spills, shared memory); tile sizes are starting points, not tuned
@@ -240,12 +241,13 @@ def _patch_norm_bwd_kernel(grad_ptr, x0_ptr, g0_ptr, pos_ptr, pn_w_ptr, pn_b_ptr
                            B, D, NP, T, R0, BCHUNK, NPROG, pn_eps, ln_eps,
                            USE_PN: tl.constexpr, PN_W: tl.constexpr, PN_B: tl.constexpr, HAS_POS: tl.constexpr,
                            USE_LN: tl.constexpr, LN_W: tl.constexpr, LN_B: tl.constexpr,
-                           ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                           ROWS: tl.constexpr, BLOCK_D: tl.constexpr, F32_DOT: tl.constexpr):
     """Program (pid_n, pid_b): patches n in [pid_n ROWS, + ROWS) of images b in [pid_b BCHUNK, + BCHUNK), b in
     order. Per row m = b NP + n: g = grad[b T + R0 + n] (fp32); when a LayerNorm is on, x0 = x0_ptr[m] (the
     forward's saved rows or the recomputed x0 = W p + bias) and the forward's LN1 / + pos / LN2 statistics are
-    recomputed; LN2 backward, LN1 backward; g0[m] = the gradient of x0 (x0_ptr may be g0_ptr: each row is read
-    before it is written, by the same program; otherwise x0 is only read). Partial sums of the program (fixed order, no
+    recomputed; LN2 backward, LN1 backward; g0[m] = the gradient of x0, stored in g0's dtype (the images'
+    dtype for 16-bit images: the operand both backward GEMMs round it to anyway, so rounding once here
+    gives the same bits and halves g0's traffic), rounded to nearest even; x0 is only read. Partial sums of the program (fixed order, no
     atomics), part[j, pid, :] for j = 0 d_bias, 1 d_pn_weight, 2 d_pn_bias, 3 d_ln_weight, 4 d_ln_bias
     (pid = pid_b * num_n + pid_n, NPROG programs), and dpos[pid_b, n] = sum over the program's b of the
     gradient at the position add."""
@@ -292,7 +294,7 @@ def _patch_norm_bwd_kernel(grad_ptr, x0_ptr, g0_ptr, pos_ptr, pn_w_ptr, pn_b_ptr
             s_pnb += tl.sum(g, 0)
             g = _ln_bwd(g, xh1, rs1, d, md, mask, D, pn_w_ptr, PN_W)
         s_bias += tl.sum(g, 0)
-        tl.store(g0_ptr + x_row[:, None] + d[None, :], g, mask=mask)
+        _store_rounded(g0_ptr + x_row[:, None] + d[None, :], g, mask, F32_DOT)
     part = part_ptr + pid.to(tl.int64) * D + d
     stride = tl.cast(NPROG, tl.int64) * D
     tl.store(part, s_bias, mask=md)
@@ -638,9 +640,10 @@ def patch_embed_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps,
         return (torch.zeros(B, C, H, W, **f32) if need_images else None, torch.zeros(D, K, **f32), z(bias), z(pos),
                 z(pn_weight) if use_pn else None, z(pn_bias) if use_pn else None,
                 z(ln_weight) if use_ln else None, z(ln_bias) if use_ln else None)
-    g0 = torch.empty(M, D, **f32)  # the gradient of x0 (recomputed x0 first, when a LayerNorm is on and x0 is None)
-    x0_in = x0 if norm and x0 is not None else g0
-    opt = lambda t: g0 if t is None else t  # noqa: E731 - stands in for an absent pointer (never read)
+    # g0, the gradient of x0, in the dtype both GEMMs take it in (see _patch_norm_bwd_kernel); x0 recomputed in
+    # fp32 into its own buffer when a LayerNorm is on and the forward did not save it
+    g0 = torch.empty(M, D, dtype=images.dtype, device=dev)
+    x0_in = x0 if x0 is not None else (torch.empty(M, D, **f32) if norm else g0)  # g0: never read (no norm)
     s_b, s_c, s_h, s_w = images.stride()
     PAD = H % P != 0 or W % P != 0
     # row kernel grid: (patch-row blocks, image chunks); about 1024 programs, images in order within each
@@ -651,6 +654,7 @@ def patch_embed_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps,
     n_prog_b = triton.cdiv(B, bchunk)
     nprog = n_prog_n * n_prog_b
     part = torch.empty(5, nprog, D, **f32)
+    opt = lambda t: part if t is None else t  # noqa: E731 - an fp32 stand-in for an absent pointer (never read)
     dpos_part = torch.empty(n_prog_b, NP, D, **f32) if pos is not None else None
     # d_weight splits over the token rows: about 264 programs (2 per H100 / H200 SM)
     bm = wcfg["BLOCK_M"]
@@ -667,18 +671,19 @@ def patch_embed_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps,
                         F32_DOT=_INTERPRETED, num_warps=c["num_warps"], num_stages=c["num_stages"])
 
     with torch.cuda.device(dev) if images.is_cuda else contextlib.nullcontext():
-        if norm and x0 is None:  # x0 = W p + bias, fp32, recomputed into g0
+        if norm and x0 is None:  # x0 = W p + bias, fp32, recomputed
             _patch_gemm_kernel[(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]),)](
-                images, weight, opt(bias), g0, g0,
+                images, weight, opt(bias), x0_in, x0_in,
                 M, D, C, H, W, NP, Gw, s_b, s_c, s_h, s_w, NP, 0,
                 P=P, PAD=PAD, HAS_BIAS=bias is not None, ADD_POS=False, **kw(cfg))
         _patch_norm_bwd_kernel[(n_prog_n, n_prog_b)](
             grad, x0_in, g0, opt(pos), opt(pn_weight), opt(pn_bias), opt(ln_weight), opt(ln_bias), part,
-            g0 if dpos_part is None else dpos_part,
+            opt(dpos_part),
             B, D, NP, T, R0, bchunk, nprog, float(pn_eps), float(ln_eps),
             USE_PN=use_pn, PN_W=pn_weight is not None, PN_B=pn_bias is not None, HAS_POS=pos is not None,
             USE_LN=use_ln, LN_W=ln_weight is not None, LN_B=ln_bias is not None,
-            ROWS=ncfg["ROWS"], BLOCK_D=ncfg["BLOCK_D"], num_warps=ncfg["num_warps"], num_stages=ncfg["num_stages"])
+            ROWS=ncfg["ROWS"], BLOCK_D=ncfg["BLOCK_D"], F32_DOT=_INTERPRETED, num_warps=ncfg["num_warps"],
+            num_stages=ncfg["num_stages"])
         _patch_dweight_kernel[(triton.cdiv(D, wcfg["BLOCK_N"]) * triton.cdiv(K, wcfg["BLOCK_K"]), n_split)](
             images, g0, dw_part, M, D, C, H, W, NP, Gw, s_b, s_c, s_h, s_w, split_m, P=P, PAD=PAD, **kw(wcfg))
         if need_images:
@@ -754,7 +759,7 @@ def _aot_dweight(dtype: str, P: int = 16, layout: str = "nchw", pad: bool = Fals
     unit = {"nchw": {"s_w": 1}, "nhwc": {"s_c": 1}, "any": {}}[layout]
     constexprs = dict(P=P, PAD=pad, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                       F32_DOT=False, **unit)
-    ptrs = {"img_ptr": dtype, "g0_ptr": "fp32", "dw_ptr": "fp32"}
+    ptrs = {"img_ptr": dtype, "g0_ptr": dtype, "dw_ptr": "fp32"}
     signature = aot_signature(fn, constexprs, {a: f"*{t}" for a, t in ptrs.items()}, _int_scalar)
     divisible = [p for p in ptrs if layout != "any" or p != "img_ptr"] + (["D"] if D % 16 == 0 else [])
     divisible += [s for s in ("s_b", "s_c", "s_h") if s not in unit and layout != "any"] + ["M_SPLIT"]
@@ -769,7 +774,7 @@ def _aot_dimages(dtype: str, P: int = 16, pad: bool = False, D: int = 768):
     cfg = block_config("dimages", _ELEM_SIZE[dtype], D)
     constexprs = dict(P=P, PAD=pad, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                       F32_DOT=False)
-    ptrs = {"g0_ptr": "fp32", "w_ptr": dtype, "dimg_ptr": "fp32"}
+    ptrs = {"g0_ptr": dtype, "w_ptr": dtype, "dimg_ptr": "fp32"}
     signature = aot_signature(fn, constexprs, {a: f"*{t}" for a, t in ptrs.items()}, _int_scalar)
     divisible = list(ptrs) + (["D"] if D % 16 == 0 else []) + ([] if pad else ["H", "W"])
     return {"name": f"patch_embed_dimages_{dtype}_p{P}_d{D}" + ("_pad" if pad else ""),
@@ -779,12 +784,14 @@ def _aot_dimages(dtype: str, P: int = 16, pad: bool = False, D: int = 768):
 
 def _aot_norm_bwd(grad: str, D: int, use_pn: bool = False, use_ln: bool = True, affine: bool = True,
                   pos: bool = True):
-    """The backward's row kernel (LayerNorm backward(s) and the partial sums), ``grad`` in ``grad``'s dtype."""
+    """The backward's row kernel (LayerNorm backward(s) and the partial sums), ``grad`` and g0 in ``grad``'s
+    dtype (the images')."""
     fn = _patch_norm_bwd_kernel
     cfg = block_config("norm_bwd", 4, D)
     constexprs = dict(USE_PN=use_pn, PN_W=use_pn and affine, PN_B=use_pn and affine, HAS_POS=pos, USE_LN=use_ln,
-                      LN_W=use_ln and affine, LN_B=use_ln and affine, ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"])
-    signature = aot_signature(fn, constexprs, {"grad_ptr": f"*{grad}"}, _norm_scalar_type)
+                      LN_W=use_ln and affine, LN_B=use_ln and affine, ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"],
+                      F32_DOT=False)
+    signature = aot_signature(fn, constexprs, {"grad_ptr": f"*{grad}", "g0_ptr": f"*{grad}"}, _norm_scalar_type)
     flags = ("_pn" if use_pn else "") + ("_ln" if use_ln else "") + ("_pos" if pos else "")
     return {"name": f"patch_embed_norm_bwd_{grad}_d{D}{flags}", "kernel": fn, "signature": signature,
             "constexprs": constexprs, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
