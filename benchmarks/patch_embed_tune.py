@@ -1,10 +1,14 @@
 """Tile study of the Triton patch-stem kernels on a CUDA GPU: the forward implicit GEMM over a set of tile
 configurations, next to cuBLAS on the same product (patches gathered into a contiguous [M, K] buffer
-first, not timed) and cuDNN's convolution (``cudnn.benchmark`` on), then the whole forward and backward
+first, not timed) and cuDNN's convolution (``cudnn.benchmark`` on); the backward's d_weight GEMM over tile
+configurations and row-split sizes (the whole backward of the stem without a LayerNorm timed, which is
+the row kernel and that GEMM), next to cuBLAS on ``grad^T patches``; then the whole forward and backward
 of the op at the default tiles, with and without a LayerNorm. The data for choosing
 ``kernels/patch_embed.block_config``; the headline fused-vs-eager figures come from ``benchmarks/run.py``.
 
     python benchmarks/patch_embed_tune.py [--batch 256] [--models vit_b16 vit_l14] [--dtype bf16]
+    python benchmarks/patch_embed_tune.py --aot   (no GPU: compiles every candidate for sm_90a and prints
+                                                   registers, spills and shared memory)
     TRITON_INTERPRET=1 python benchmarks/patch_embed_tune.py --device cpu --batch 1 --configs 2
                                               (a smoke run of this script on CPU tensors)
 
@@ -15,6 +19,7 @@ accumulation both; the tile configuration is dropped from the ranking when the e
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -24,12 +29,20 @@ from tune_common import line, rel, timed
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODELS = {"vit_b16": (16, 768), "vit_l14": (14, 1024)}  # patch, width (224 px images, 3 channels)
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the first is block_config's default for 16-bit D % 16 == 0
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the first is block_config's default for 16-bit D % 16 == 0.
+# Every one compiles for sm_90a (bf16, ViT-B/16 and ViT-L/14) without spills (--aot); 128 x 128 with 4 warps and
+# the 128 x 256 / 256 x 128 tiles spilled 0.9-1.3 KB and are left out.
 CONFIGS = [
-    (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4),
-    (128, 128, 128, 8, 2), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 32, 8, 4),
-    (256, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 64, 8, 3),
-    (256, 64, 64, 8, 3), (64, 64, 64, 4, 4),
+    (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4), (128, 128, 128, 8, 2), (128, 128, 64, 8, 5),
+    (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 64, 8, 3), (256, 64, 64, 8, 3), (64, 64, 64, 4, 4),
+    (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+]
+# d_weight: (BLOCK_M token rows reduced per step, BLOCK_N of D, BLOCK_K of K, num_warps, num_stages, programs
+# the row splits aim at; None: the launcher's ~264); the first is block_config's default for 16-bit D % 16 == 0
+DW_CONFIGS = [
+    (64, 128, 128, 8, 3, None), (64, 128, 128, 8, 3, 132), (64, 128, 128, 8, 3, 528), (64, 128, 128, 8, 4, None),
+    (32, 128, 128, 8, 4, None), (64, 128, 256, 8, 3, None), (128, 128, 128, 8, 2, None), (32, 128, 128, 8, 3, None),
+    (64, 128, 64, 4, 4, None), (64, 64, 128, 4, 4, None), (128, 128, 64, 8, 3, None),
 ]
 
 
@@ -85,16 +98,87 @@ def study(model, B, dt, dev, n_configs, reps, trials):
         ranked.sort()
         print(f"{model} best gemm tiles: " + ", ".join(f"{c} {ms:.4f} ms" for ms, c in ranked[:3]), flush=True)
 
+    # the backward's d_weight GEMM (no LayerNorm: g0 = the patch rows of grad) over tiles and row splits
+    grad = torch.randn(B, 1 + NP, D, generator=g).to(dev, dt)
+    gp = grad[:, 1:].reshape(M, D)
+    dw_ref = gp.float().T @ patches.float()  # [D, K]
+    line(f"{model} cublas grad^T @ patches (d_weight, not the op)", timed(lambda: gp.T @ patches, reps, trials), flops)
+    a1 = (images, weight, bias, pos, None, None, 0.0, False, None, None, 0.0, False, P, 1)
+    ranked = []
+    for bm, bn, bk, nw, ns, progs in DW_CONFIGS[:n_configs]:
+        blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+        if progs is not None:  # row splits of a whole number of BLOCK_M steps giving about `progs` programs
+            tiles = -(-D // bn) * -(-K // bk)
+            steps = -(-M // bm)
+            blocks["SPLIT_M"] = -(-steps // max(1, min(steps, -(-progs // tiles)))) * bm
+        name = f"{model} backward d_weight {bm}x{bn}x{bk} w{nw} s{ns}" + (f" ~{progs} progs" if progs else "")
+        try:
+            t0 = time.perf_counter()
+            dw = k.patch_embed_bwd(grad, *a1, False, blocks=blocks)[1]
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t0
+            err = rel(dw, dw_ref)
+            ms = timed(lambda b=blocks: k.patch_embed_bwd(grad, *a1, False, blocks=b), reps, trials)
+        except Exception as e:  # noqa: BLE001 - a configuration that does not compile or launch is reported
+            print(f"{name:<58s} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+            continue
+        line(name, ms, flops, f"relerr {err:.1e} (first call {compile_s:.1f} s)")
+        if err <= 1e-2:
+            ranked.append((ms, (bm, bn, bk, nw, ns, progs)))
+    if ranked:
+        ranked.sort()
+        print(f"{model} best d_weight tiles: " + ", ".join(f"{c} {ms:.4f} ms" for ms, c in ranked[:3]), flush=True)
+
     # the whole op at the default tiles: forward (with / without the LayerNorm), backward (weights only)
     for ln in (False, True):
         a = (images, weight, bias, pos, None, None, 0.0, False, lnw if ln else None, lnb if ln else None, 1e-5, ln,
              P, 1)
         tag = "ln" if ln else "no-ln"
         line(f"{model} op forward ({tag}, default tiles)", timed(lambda: k.patch_embed_fwd(*a), reps, trials), flops)
-        grad = torch.randn(B, 1 + NP, D, generator=g).to(dev, dt)
         bwd = getattr(k, "patch_embed_bwd")
         line(f"{model} op backward ({tag}, d_weight etc., no d_images)",
              timed(lambda: bwd(grad, *a, False), reps, trials), flops * (2 if ln else 1))
+
+
+def aot(models, dtype):
+    """Compile every candidate (forward GEMM and d_weight) for sm_90a without a GPU; print registers, spills,
+    shared memory. Returns the number of candidates that fail the AOT checks (spills, shared memory, no
+    wgmma)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("--aot cannot run under TRITON_INTERPRET=1")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    import aot as aot_mod
+
+    from vlops.kernels import patch_embed as k
+
+    print(aot_mod.AotReport.header())
+    bad = 0
+    for model in models:
+        P, D = MODELS[model]
+        specs = []
+        for bm, bn, bk, nw, ns in CONFIGS:
+            spec = k._aot_gemm(dtype, P=P, D=D, tiles=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
+            specs.append((spec, f"{model}_gemm_{bm}x{bn}x{bk}_w{nw}_s{ns}", nw, ns))
+        for bm, bn, bk, nw, ns, _ in DW_CONFIGS:
+            spec = k._aot_dweight(dtype, P=P, D=D, tiles=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
+            specs.append((spec, f"{model}_dweight_{bm}x{bn}x{bk}_w{nw}_s{ns}", nw, ns))
+        seen = set()
+        for spec, name, nw, ns in specs:
+            if name in seen:  # d_weight configurations differing only in the row splits compile the same
+                continue
+            seen.add(name)
+            spec.update(name=name, num_warps=nw, num_stages=ns)
+            try:
+                rep = aot_mod.report(spec)
+            except Exception as e:  # noqa: BLE001 - reported per candidate
+                print(f"{name:<64} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+                bad += 1
+                continue
+            fails = aot_mod.check(rep, matmul=True)
+            bad += bool(fails)
+            print(rep.row() + ("  " + "; ".join(fails) if fails else ""), flush=True)
+    return bad
 
 
 def main():
@@ -106,7 +190,10 @@ def main():
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1")
+    p.add_argument("--aot", action="store_true", help="compile the candidates for sm_90a instead (no GPU)")
     args = p.parse_args()
+    if args.aot:
+        sys.exit(1 if aot(args.models, args.dtype) else 0)
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device (use --device cpu with TRITON_INTERPRET=1 for a smoke run)")

@@ -716,14 +716,15 @@ def _int_scalar(name: str) -> str:
 
 
 def _aot_gemm(dtype: str, P: int = 16, out: str | None = None, layout: str = "nchw", pad: bool = False,
-              bias: bool = True, pos: bool = True, D: int = 768):
+              bias: bool = True, pos: bool = True, D: int = 768, tiles: dict | None = None):
     """The GEMM kernel for ``dtype`` images, patch size ``P``, output ``out`` (default: ``dtype``, the
     one-pass case; "fp32" for pre-norm rows). ``layout`` "nchw": s_w = 1 (Triton specialises a
     stride of 1 to a constant), "nhwc" (channels_last): s_c = 1, "any": no unit stride and no
-    alignment of the images or their strides (a strided slice at an odd offset)."""
+    alignment of the images or their strides (a strided slice at an odd offset). ``tiles``: overrides of
+    the block_config entries (tile studies)."""
     fn = _patch_gemm_kernel
     out = out or dtype
-    cfg = block_config("gemm", _ELEM_SIZE[dtype], D)
+    cfg = {**block_config("gemm", _ELEM_SIZE[dtype], D), **(tiles or {})}
     unit = {"nchw": {"s_w": 1}, "nhwc": {"s_c": 1}, "any": {}}[layout]
     constexprs = dict(P=P, PAD=pad, HAS_BIAS=bias, ADD_POS=pos and out == dtype, BLOCK_M=cfg["BLOCK_M"],
                       BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], F32_DOT=False, **unit)
@@ -752,10 +753,11 @@ def _aot_norm(out: str, D: int, use_pn: bool = False, use_ln: bool = True, affin
             "vectorized": True}
 
 
-def _aot_dweight(dtype: str, P: int = 16, layout: str = "nchw", pad: bool = False, D: int = 768):
+def _aot_dweight(dtype: str, P: int = 16, layout: str = "nchw", pad: bool = False, D: int = 768,
+                 tiles: dict | None = None):
     """The backward's d_weight GEMM (g0^T patches, reduction over token rows), as :func:`_aot_gemm`."""
     fn = _patch_dweight_kernel
-    cfg = block_config("dweight", _ELEM_SIZE[dtype], D)
+    cfg = {**block_config("dweight", _ELEM_SIZE[dtype], D), **(tiles or {})}
     unit = {"nchw": {"s_w": 1}, "nhwc": {"s_c": 1}, "any": {}}[layout]
     constexprs = dict(P=P, PAD=pad, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                       F32_DOT=False, **unit)
