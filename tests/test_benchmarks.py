@@ -107,3 +107,21 @@ def test_csv_appends(quick_run, tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * len(quick_run[3])
     assert not any(p.endswith(".png") for p in os.listdir(out))
+
+
+def test_backward_pass_rows(tmp_path):
+    """An op with a backward gets a row per pass (forward, backward alone, forward + backward), and in the
+    backward row the check compares the inputs' gradients of the two implementations."""
+    cmd = [sys.executable, RUN, "--quick", "--device", "cpu", "--ops", "coattention", "--cases", "vqa",
+           "--min-time", "0.02", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, f"runner failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    with open(_one(tmp_path), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["pass"] for r in rows} == {"forward", "backward", "forward+backward"}, rows
+    for r in rows:
+        assert r["error"] == "", r["error"]
+        if r["impl"] == "fused":
+            assert float(r["check_relerr"]) < 1e-5, r  # fp32: the same outputs / gradients as SDPA
+            assert float(r["median_ms"]) > 0

@@ -79,3 +79,70 @@ def load(name: str):
 
 def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _flat(x) -> torch.Tensor:
+    """A tensor, or a tuple / list of tensors flattened into one float64 vector (for checks)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().double().flatten()
+    return torch.cat([t.detach().double().flatten() for t in x])
+
+
+def autograd_fns(pass_: str, eager_fwd, fused_fwd, leaves, out_grads=None, check=None) -> dict:
+    """The ``eager``, ``fused``, ``setup``, ``reset`` and ``check`` of a case whose op has a backward, for any
+    pass (``Case(..., **autograd_fns(...))``).
+
+    - ``eager_fwd(inp)`` / ``fused_fwd(inp)``: the outputs (a tensor or a tuple of tensors);
+    - ``leaves(inp, fused)``: the tensors that get gradients (``fused`` False for the eager implementation: two
+      modules with the same weights have different leaves); their ``.grad`` is dropped before each call;
+    - ``out_grads(inp, outs)``: the gradients of the outputs (None: ones for each output);
+    - ``check(a, b)``: relative error of two float64 vectors (outputs, or the leaves' gradients).
+
+    "forward" runs the forward under no_grad and returns the outputs; "forward+backward" the forward and the
+    backward, returning the outputs; "backward" runs the forward in ``setup`` (outside the timed region, under
+    the implementation's backend) and keeps its graph, and each timed call runs the backward alone
+    (``retain_graph``, so the next call can run it again), returning the leaves' gradients."""
+
+    def as_tuple(outs):
+        return (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+
+    def grads_of(inp, outs):
+        return out_grads(inp, outs) if out_grads is not None else tuple(torch.ones_like(o) for o in as_tuple(outs))
+
+    def make_call(fwd, fused):
+        if pass_ == "forward":
+            def call(inp):
+                with torch.no_grad():
+                    return fwd(inp)
+        elif pass_ == "forward+backward":
+            def call(inp):
+                for t in leaves(inp, fused):
+                    t.grad = None
+                outs = fwd(inp)
+                torch.autograd.backward(as_tuple(outs), as_tuple(grads_of(inp, outs)))
+                return tuple(o.detach() for o in as_tuple(outs))
+        elif pass_ == "backward":
+            def call(state):
+                ls = leaves(state["inp"], fused)
+                for t in ls:
+                    t.grad = None
+                torch.autograd.backward(state["outs"], state["grads"], retain_graph=True)
+                return tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in ls)
+        else:
+            raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
+        return call
+
+    def setup(impl, inp):
+        outs = as_tuple((eager_fwd if impl == "eager" else fused_fwd)(inp))
+        return {"inp": inp, "outs": outs, "grads": as_tuple(grads_of(inp, outs))}
+
+    def reset(inp):
+        for fused in (False, True):
+            for t in leaves(inp, fused):
+                t.grad = None
+
+    fns = {"eager": make_call(eager_fwd, False), "fused": make_call(fused_fwd, True), "reset": reset,
+           "setup": setup if pass_ == "backward" else None}
+    if check is not None:
+        fns["check"] = lambda a, b: check(_flat(a), _flat(b))
+    return fns

@@ -14,21 +14,22 @@
 - ``long`` (CUDA): Nt = 512, Nv = 2048 (random lengths from half to full), 8 heads, d = 128, vs SDPA.
 
 Sizes (``--sizes``): ``headline``: batch 32 fp32 (CPU) / batch 256 bf16 (CUDA); ``long``: CUDA only, batch 8
-bf16; ``small``: batch 2, 2 heads, d = 64, Nt = 8, Nv = 13, fp32 (also ``--quick``). Passes: forward and
-forward + backward (every input gradient; the module case: every parameter gradient).
+bf16; ``small``: batch 2, 2 heads, d = 64, Nt = 8, Nv = 13, fp32 (also ``--quick``). Passes: forward, backward
+(the forward run outside the timed region) and forward + backward (every input gradient; the module case:
+every parameter gradient).
 
 Floor: the attention flops, 4 H d (Nq x valid keys) per direction forward (QK^T and PV), 2.5x that for the
 backward, counted over the valid keys only (plus the projection GEMMs, 2 N D_in D_out each and twice that
 backward, in the module case), at the measured matmul rate of the dtype; or the bytes (q, k, v read and the
-contexts written once; backward: inputs, outputs and their gradients read, six gradients written), whichever
-takes longer.
+contexts written once; backward: q, k, v, the outputs and their gradients read, six gradients written),
+whichever takes longer.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import Case, dtype_bytes
+from . import PASSES, Case, autograd_fns, dtype_bytes
 
 OP = "coattention"
 
@@ -41,18 +42,16 @@ def _keep(lengths, N):
     return torch.arange(N, device=lengths.device)[None, :] < lengths[:, None]
 
 
-def _attention_floor(B, H, d, Nt, Nv, t_len, i_len, grad, elt):
+def _attention_floor(B, H, d, Nt, Nv, t_len, i_len, pass_, elt):
     """(flops, bytes) of the two attentions."""
     pairs = Nt * float(i_len.sum()) + Nv * float(t_len.sum())  # (query, valid key) pairs, both directions
-    flops = 4.0 * H * d * pairs * (3.5 if grad else 1.0)
+    flops = 4.0 * H * d * pairs * {"forward": 1.0, "backward": 2.5, "forward+backward": 3.5}[pass_]
     elems = B * (Nt + Nv) * H * d
-    nbytes = elems * elt * (12 if grad else 4)
+    nbytes = elems * elt * {"forward": 4, "backward": 8, "forward+backward": 12}[pass_]
     return flops, nbytes
 
 
 def _relerr(a, b):
-    a = torch.cat([t.double().flatten() for t in a])
-    b = torch.cat([t.double().flatten() for t in b])
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
@@ -103,30 +102,15 @@ def _attention_case(name, B, H, d, Nt, Nv, t_range, i_range, pass_, dtype, devic
     def fused_fn(ts):
         return vlops.co_attention(*ts, text_lengths=t_len, image_lengths=i_len)
 
-    def run(fn):
-        def call(inp):
-            if not grad:
-                with torch.no_grad():
-                    return fn(inp["ts"])
-            for t in inp["ts"]:
-                t.grad = None
-            outs = fn(inp["ts"])
-            torch.autograd.backward(outs, inp["gos"])
-            return tuple(o.detach() for o in outs)
-        return call
-
-    def reset(inp):
-        for t in inp["ts"]:
-            t.grad = None
-
-    flops, nbytes = _attention_floor(B, H, d, Nt, Nv, t_len, i_len, grad, dtype_bytes(dtype))
+    fns = autograd_fns(pass_, lambda inp: eager_fn(inp["ts"]), lambda inp: fused_fn(inp["ts"]),
+                       leaves=lambda inp, fused: inp["ts"], out_grads=lambda inp, outs: inp["gos"], check=_relerr)
+    flops, nbytes = _attention_floor(B, H, d, Nt, Nv, t_len, i_len, pass_, dtype_bytes(dtype))
     note = (f"H {H}, d {d}, text lengths {t_range[0]}..{t_range[1]} of {Nt}, image lengths "
             f"{i_range[0]}..{i_range[1]} of {Nv}; baseline: "
             + ("two SDPA calls with boolean key masks" if baseline == "sdpa"
                else "the eager ViLBERT module's attention math, -10000 masks"))
-    return Case(name=name, op=OP, dtype=dtype, size=size, pass_=pass_, make=make, eager=run(eager_fn),
-                fused=run(fused_fn), floor_bytes=nbytes, floor_flops=flops, eager_label=baseline, check=_relerr,
-                reset=reset, note=note, backends=("cpu", "triton", "reference"))
+    return Case(name=name, op=OP, dtype=dtype, size=size, pass_=pass_, make=make, floor_bytes=nbytes,
+                floor_flops=flops, eager_label=baseline, note=note, backends=("cpu", "triton", "reference"), **fns)
 
 
 def _vilbert_case(name, B, cfg, Nt, Nv, i_range, pass_, dtype, device, size):
@@ -154,38 +138,23 @@ def _vilbert_case(name, B, cfg, Nt, Nv, i_range, pass_, dtype, device, size):
         gos = [torch.randn(B, n, cfg.bi_hidden_size, device=device, dtype=dtype) for n in (Nt, Nv)] if grad else []
         return {"x1": x1, "x2": x2, "gos": gos}
 
-    def run(module):
-        params = list(module.parameters())
-
-        def call(inp):
-            if not grad:
-                with torch.no_grad():
-                    return module(inp["x1"], m1, inp["x2"], m2)[:2]
-            for p in params:
-                p.grad = None
-            c1, c2, _ = module(inp["x1"], m1, inp["x2"], m2)
-            torch.autograd.backward([c1, c2], inp["gos"])
-            return c1.detach(), c2.detach()
-        return call
-
-    def reset(inp):
-        for m in (eager_m, fused_m):
-            for p in m.parameters():
-                p.grad = None
-
+    params = {False: list(eager_m.parameters()), True: list(fused_m.parameters())}
+    fns = autograd_fns(pass_, lambda inp: eager_m(inp["x1"], m1, inp["x2"], m2)[:2],
+                       lambda inp: fused_m(inp["x1"], m1, inp["x2"], m2)[:2],
+                       leaves=lambda inp, fused: params[fused], out_grads=lambda inp, outs: inp["gos"], check=_relerr)
     bi, H = cfg.bi_hidden_size, cfg.bi_num_attention_heads
-    flops, nbytes = _attention_floor(B, H, bi // H, Nt, Nv, t_len, i_len, grad, dtype_bytes(dtype))
+    flops, nbytes = _attention_floor(B, H, bi // H, Nt, Nv, t_len, i_len, pass_, dtype_bytes(dtype))
     gemm = 2.0 * 3 * bi * B * (Nv * cfg.v_hidden_size + Nt * cfg.hidden_size)  # the six projections
-    flops += gemm * (3 if grad else 1)
+    times = {"forward": 1, "backward": 2, "forward+backward": 3}[pass_]  # backward: d input and d weight
+    flops += gemm * times
     elt = dtype_bytes(dtype)
     w_bytes = 3 * bi * (cfg.v_hidden_size + cfg.hidden_size + 2) * elt
     x_bytes = B * (Nv * cfg.v_hidden_size + Nt * cfg.hidden_size) * elt
-    nbytes += (w_bytes + x_bytes) * (3 if grad else 1)
+    nbytes += (w_bytes + x_bytes) * times
     note = (f"BertBiAttention hidden {cfg.hidden_size}/{cfg.v_hidden_size}, bi_hidden {bi}, {H} heads; image "
             f"lengths {i_range[0]}..{i_range[1]} of {Nv}; baseline: eager ViLBERT module, -10000 masks")
-    return Case(name=name, op=OP, dtype=dtype, size=size, pass_=pass_, make=make, eager=run(eager_m),
-                fused=run(fused_m), floor_bytes=nbytes, floor_flops=flops, eager_label="vilbert", check=_relerr,
-                reset=reset, note=note, backends=("cpu", "triton", "reference"))
+    return Case(name=name, op=OP, dtype=dtype, size=size, pass_=pass_, make=make, floor_bytes=nbytes,
+                floor_flops=flops, eager_label="vilbert", note=note, backends=("cpu", "triton", "reference"), **fns)
 
 
 def cases(device, quick: bool, sizes=None, dtypes=None):
@@ -214,7 +183,7 @@ def cases(device, quick: bool, sizes=None, dtypes=None):
             continue
         for name, kw, dts in plan:
             for dt in dtypes or dts:
-                for pass_ in ("forward", "forward+backward"):
+                for pass_ in PASSES:
                     if name == "vqa_vilbert":
                         size = f"{kw['B']}x{kw['Nt']}x{kw['Nv']}x{kw['cfg'].bi_hidden_size}"
                         yield _vilbert_case(name, kw["B"], kw["cfg"], kw["Nt"], kw["Nv"], kw["i"], pass_, dt, device,

@@ -1,4 +1,4 @@
-"""Benchmark cases of the fused contrastive losses (CLIP and SigLIP), forward and forward+backward.
+"""Benchmark cases of the fused contrastive losses (CLIP and SigLIP), forward, backward and forward+backward.
 
 Eager baseline: open_clip's ``ClipLoss`` / ``SigLipLoss`` (single process), which materialise the
 N x N logits; fused: ``vlops.clip_loss`` / ``vlops.siglip_loss``. Unit-norm features,
@@ -8,8 +8,8 @@ Peak memory counts the gradients the call allocates (the last call's are dropped
 ``Case.reset``), 2 N D elements of the input dtype for each implementation.
 
 Floor: the three N x N x D matrix products a loss and its gradient need at the least (logits,
-d image, d text: 6 N^2 D flops for forward+backward, 2 N^2 D for forward) at the measured matmul
-rate of the dtype; bytes: the features read and their gradients written.
+d image, d text: 6 N^2 D flops for forward+backward, 2 N^2 D for forward, 4 N^2 D for the backward alone)
+at the measured matmul rate of the dtype; bytes: the features read and their gradients written.
 
 Sizes (``--sizes``): ``headline`` N=8192 D=512 fp32 (CPU) / N=65536 D=768 bf16 (CUDA); ``small``
 N=1024 D=256 (also the ``--quick`` size); a literal ``NxD`` (e.g. ``4096x512``).
@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from . import Case, dtype_bytes
+from . import PASSES, Case, autograd_fns, dtype_bytes
 
 OP = "contrastive"
 SCALE, BIAS = 100.0, -10.0
@@ -63,26 +63,13 @@ def _case(kind, pass_, N, D, dtype, device):
         bias = torch.tensor(BIAS, device=device)
         return [t.requires_grad_(grad) for t in (a, b, s, bias)]
 
-    def run(fn):
-        def call(inp):
-            a, b, s, bias = inp
-            for t in inp:
-                t.grad = None
-            loss = fn(a, b, s, bias)
-            if grad:
-                loss.backward()
-            return loss.detach()
-        return call
-
-    def reset(inp):
-        for t in inp:
-            t.grad = None
-
-    flops = (6.0 if grad else 2.0) * N * N * D
+    fns = autograd_fns(pass_, lambda inp: eager_loss(*inp), lambda inp: fused_loss(*inp),
+                       leaves=lambda inp, fused: inp, check=_relerr)
+    # forward: the logits (2 N^2 D); backward: d image and d text (4 N^2 D, the logits recomputed on top)
+    flops = {"forward": 2.0, "backward": 4.0, "forward+backward": 6.0}[pass_] * N * N * D
     nbytes = (4.0 if grad else 2.0) * N * D * dtype_bytes(dtype)
     return Case(name=f"{kind}_loss", op=OP, dtype=dtype, size=f"{N}x{D}", pass_=pass_, make=make,
-                eager=run(eager_loss), fused=run(fused_loss), floor_bytes=nbytes, floor_flops=flops,
-                eager_label="open_clip", check=_relerr, reset=reset,
+                floor_bytes=nbytes, floor_flops=flops, eager_label="open_clip", **fns,
                 note=f"unit-norm features, logit_scale={SCALE}" + (f", bias={BIAS}" if kind == "siglip" else ""))
 
 
@@ -95,5 +82,5 @@ def cases(device, quick: bool, sizes=None, dtypes=None):
     for (N, D), dts in _sizes(device, quick, sizes, dtypes):
         for dt in dts:
             for kind in ("clip", "siglip"):
-                for pass_ in ("forward", "forward+backward"):
+                for pass_ in PASSES:
                     yield _case(kind, pass_, N, D, dt, device)

@@ -4,18 +4,19 @@
 ``from_open_clip``). Random weights; images normal.
 
 Sizes (``--sizes``): ``headline`` ViT-B/16 224, batch 32, fp32 (CPU) / ViT-B/16 and ViT-L/14 224,
-batch 256, bf16 (CUDA); ``small`` ViT-B/16 224 batch 4 (also ``--quick``). Passes: forward and
-forward + backward (gradients of every stem parameter, not of the images).
+batch 256, bf16 (CUDA); ``small`` ViT-B/16 224 batch 4 (also ``--quick``). Passes: forward, backward (the
+forward run outside the timed region) and forward + backward (gradients of every stem parameter, not of the
+images).
 
-Floor: the GEMM's 2 (B N) (C P P) D flops (twice that with the backward: d_weight) at the measured matmul
-rate of the dtype, or the bytes (images read once, tokens written once, weight read once), whichever takes
-longer.
+Floor: the GEMM's 2 (B N) (C P P) D flops (the forward's projection; the backward's d_weight the same again)
+at the measured matmul rate of the dtype, or the bytes (images read once, tokens (or their gradient) once,
+weight once, for each of the two), whichever takes longer.
 """
 from __future__ import annotations
 
 import torch
 
-from . import Case, dtype_bytes
+from . import PASSES, Case, autograd_fns, dtype_bytes
 
 OP = "patch_embed"
 MODELS = {  # name: (patch, width, heads, timm-style ViT (False: open_clip CLIP tower, with ln_pre))
@@ -49,7 +50,6 @@ def _case(kind, B, pass_, dtype, device):
 
     m = _model(kind, device, dtype)
     timm_style = MODELS[kind][3]
-    grad = pass_ != "forward"
     params = [p for p in m.parameters() if p.requires_grad]
 
     def eager_stem(x):
@@ -65,35 +65,19 @@ def _case(kind, B, pass_, dtype, device):
     def make():
         return torch.randn(B, 3, 224, 224, device=device, dtype=dtype)
 
-    def run(fn):
-        def call(x):
-            if not grad:
-                with torch.no_grad():
-                    return fn(x)
-            for p in params:
-                p.grad = None
-            out = fn(x)
-            out.backward(torch.ones_like(out))
-            return out.detach()
-        return call
+    def relerr(a, b):
+        return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
-    def reset(x):
-        for p in params:
-            p.grad = None
-
+    fns = autograd_fns(pass_, eager_stem, fused_stem, leaves=lambda x, fused: params, check=relerr)
     P, D = MODELS[kind][0], MODELS[kind][1]
     N = (224 // P) ** 2
     K = 3 * P * P
-    flops = 2.0 * B * N * K * D * (2 if grad else 1)  # the projection, and d_weight (no image gradient)
-    nbytes = (B * 3 * 224 * 224 + B * (N + 1) * D + D * K) * dtype_bytes(dtype) * (2 if grad else 1)
-
-    def relerr(a, b):
-        a, b = a.double(), b.double()
-        return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-    return Case(name=kind, op=OP, dtype=dtype, size=f"{B}x3x224x224", pass_=pass_, make=make, eager=run(eager_stem),
-                fused=run(fused_stem), floor_bytes=nbytes, floor_flops=flops,
-                eager_label="timm" if timm_style else "open_clip", check=relerr, reset=reset,
+    # the projection (forward) and d_weight (backward; no image gradient), 2 (B N) K D flops each
+    flops = 2.0 * B * N * K * D * (2 if pass_ == "forward+backward" else 1)
+    nbytes = (B * 3 * 224 * 224 + B * (N + 1) * D + D * K) * dtype_bytes(dtype) * (2 if pass_ == "forward+backward"
+                                                                                  else 1)
+    return Case(name=kind, op=OP, dtype=dtype, size=f"{B}x3x224x224", pass_=pass_, make=make,
+                floor_bytes=nbytes, floor_flops=flops, eager_label="timm" if timm_style else "open_clip", **fns,
                 note=f"patch {P}, width {D}" + ("" if timm_style else ", ln_pre"), backends=("cpu", "triton"))
 
 
@@ -117,5 +101,5 @@ def cases(device, quick: bool, sizes=None, dtypes=None):
             continue
         for kind, B, dts in plan:
             for dt in dtypes or dts:
-                for pass_ in ("forward", "forward+backward"):
+                for pass_ in PASSES:
                     yield _case(kind, B, pass_, dt, device)
