@@ -22,16 +22,13 @@ timed as the whole backward with the other kernel at its default tiles.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from tune_common import line, rel, timed
+from tune_common import aot_check, line, rel, timed
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 
 CASES = {
     "long": dict(B=8, H=8, d=128, Nt=512, Nv=2048, t=None, i=None),
@@ -168,34 +165,17 @@ def _desc(k, kind, tq, d, n_max):
     return "({}x{} w{} s{})".format(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
 
 
-def aot(cases, kinds):
-    """Compile every candidate for sm_90a (no GPU) and print its registers, spills and shared memory."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("--aot cannot run under TRITON_INTERPRET=1")
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    import aot as aot_mod
-
+def aot_specs(cases, kinds):
+    """The AOT specs (bf16) of every candidate, for ``--aot``."""
     from vlops.kernels import coattention as k
 
-    print(aot_mod.AotReport.header())
-    bad = 0
     for case in cases:
         c = CASES[case]
-        n_max = max(c["Nt"], c["Nv"])
         for kind in kinds:
             for cfg in candidates(case)[kind]:
-                spec = k._aot_spec(kind, "bf16", c["d"], n_max=n_max, tiles=tiles(cfg))
+                spec = k._aot_spec(kind, "bf16", c["d"], n_max=max(c["Nt"], c["Nv"]), tiles=tiles(cfg))
                 spec["name"] = f"{case}_{kind}_" + "{}x{}_w{}_s{}".format(*cfg)
-                try:
-                    rep = aot_mod.report(spec)
-                except Exception as e:  # noqa: BLE001 - reported per candidate
-                    print(f"{spec['name']:<64} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
-                    bad += 1
-                    continue
-                fails = aot_mod.check(rep, matmul=True)
-                bad += bool(fails)
-                print(rep.row() + ("  " + "; ".join(fails) if fails else ""), flush=True)
-    return bad
+                yield spec
 
 
 def main():
@@ -211,7 +191,7 @@ def main():
     args = p.parse_args()
     cases = ["smoke"] if args.smoke else args.cases
     if args.aot:
-        sys.exit(1 if aot([c for c in cases if c != "smoke"], args.kinds) else 0)
+        sys.exit(1 if aot_check(aot_specs([c for c in cases if c != "smoke"], args.kinds)) else 0)
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device (use --device cpu --smoke with TRITON_INTERPRET=1 for a smoke run)")

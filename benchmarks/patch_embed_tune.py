@@ -19,12 +19,11 @@ accumulation both; the tile configuration is dropped from the ranking when the e
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
-from tune_common import line, rel, timed
+from tune_common import aot_check, line, rel, timed
 
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODELS = {"vit_b16": (16, 768), "vit_l14": (14, 1024)}  # patch, width (224 px images, 3 channels)
@@ -141,44 +140,21 @@ def study(model, B, dt, dev, n_configs, reps, trials):
              timed(lambda: bwd(grad, *a, False), reps, trials), flops * (2 if ln else 1))
 
 
-def aot(models, dtype):
-    """Compile every candidate (forward GEMM and d_weight) for sm_90a without a GPU; print registers, spills,
-    shared memory. Returns the number of candidates that fail the AOT checks (spills, shared memory, no
-    wgmma)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("--aot cannot run under TRITON_INTERPRET=1")
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-    import aot as aot_mod
-
+def aot_specs(models, dtype):
+    """The AOT specs of every candidate (forward GEMM and d_weight), for ``--aot``; d_weight configurations
+    differing only in the row splits compile the same and appear once."""
     from vlops.kernels import patch_embed as k
 
-    print(aot_mod.AotReport.header())
-    bad = 0
+    seen = set()
     for model in models:
         P, D = MODELS[model]
-        specs = []
-        for bm, bn, bk, nw, ns in CONFIGS:
-            spec = k._aot_gemm(dtype, P=P, D=D, tiles=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
-            specs.append((spec, f"{model}_gemm_{bm}x{bn}x{bk}_w{nw}_s{ns}", nw, ns))
-        for bm, bn, bk, nw, ns, _ in DW_CONFIGS:
-            spec = k._aot_dweight(dtype, P=P, D=D, tiles=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
-            specs.append((spec, f"{model}_dweight_{bm}x{bn}x{bk}_w{nw}_s{ns}", nw, ns))
-        seen = set()
-        for spec, name, nw, ns in specs:
-            if name in seen:  # d_weight configurations differing only in the row splits compile the same
-                continue
-            seen.add(name)
-            spec.update(name=name, num_warps=nw, num_stages=ns)
-            try:
-                rep = aot_mod.report(spec)
-            except Exception as e:  # noqa: BLE001 - reported per candidate
-                print(f"{name:<64} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
-                bad += 1
-                continue
-            fails = aot_mod.check(rep, matmul=True)
-            bad += bool(fails)
-            print(rep.row() + ("  " + "; ".join(fails) if fails else ""), flush=True)
-    return bad
+        cands = [("gemm", k._aot_gemm, c) for c in CONFIGS] + [("dweight", k._aot_dweight, c[:5]) for c in DW_CONFIGS]
+        for kind, make, (bm, bn, bk, nw, ns) in cands:
+            name = f"{model}_{kind}_{bm}x{bn}x{bk}_w{nw}_s{ns}"
+            if name not in seen:
+                seen.add(name)
+                spec = make(dtype, P=P, D=D, tiles=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk))
+                yield {**spec, "name": name, "num_warps": nw, "num_stages": ns}
 
 
 def main():
@@ -193,7 +169,7 @@ def main():
     p.add_argument("--aot", action="store_true", help="compile the candidates for sm_90a instead (no GPU)")
     args = p.parse_args()
     if args.aot:
-        sys.exit(1 if aot(args.models, args.dtype) else 0)
+        sys.exit(1 if aot_check(aot_specs(args.models, args.dtype)) else 0)
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device (use --device cpu with TRITON_INTERPRET=1 for a smoke run)")

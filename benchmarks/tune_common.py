@@ -45,3 +45,29 @@ def rel(a, b):
         den = sum(float(y.float().norm()) ** 2 for y in b) ** 0.5
         return num / max(den, 1e-30)
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def aot_check(specs) -> int:
+    """Compile each AOT spec (the tests/aot.py format, named) for sm_90a without a GPU and print its report
+    row (registers, spills, shared memory, wgmma) and what fails the checks; returns how many failed."""
+    import os
+    import sys
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("--aot cannot run under TRITON_INTERPRET=1")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    import aot
+
+    print(aot.AotReport.header())
+    bad = 0
+    for spec in specs:
+        try:
+            rep = aot.report(spec)
+        except Exception as e:  # noqa: BLE001 - reported per candidate
+            print(f"{spec['name']:<64} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+            bad += 1
+            continue
+        fails = aot.check(rep, matmul=bool(spec.get("matmul", True)))
+        bad += bool(fails)
+        print(rep.row() + ("  " + "; ".join(fails) if fails else ""), flush=True)
+    return bad
