@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-from tune_common import aot_check, line, rel, timed
+from tune_common import aot_check, line, measure, print_best, rel, timed
 
 
 CASES = {
@@ -130,33 +129,16 @@ def study(case, kinds, dt, dev, reps, trials):
             name = f"{case} {kind} " + ("default " + _desc(k, kind, ts[0], d, max(Nt, Nv)) if cfg is None
                                         else "{}x{} w{} s{}".format(*cfg))
             blocks = None if cfg is None else (tiles(cfg) if kind == "fwd" else {kind: tiles(cfg)})
-            try:
-                t0 = time.perf_counter()
-                if kind == "fwd":
-                    fn = lambda b=blocks: k.co_attention_fwd(*ts, *args, blocks=b)  # noqa: E731
-                    got = fn()
-                    err = rel(got[:2], ref_out)
-                    useful = flops
-                else:
-                    fn = lambda b=blocks: k.co_attention_bwd(*dos, *ts, *out, *args, blocks=b)  # noqa: E731
-                    got = fn()
-                    err = rel(got, ref_grads)
-                    useful = 2.5 * flops
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                first_s = time.perf_counter() - t0
-                ms = timed(fn, reps, trials)
-            except Exception as e:  # noqa: BLE001 - a configuration that does not compile or launch is reported
-                print(f"{name:<58s} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
-                continue
-            line(name, ms, useful, f"relerr {err:.1e} vs sdpa (first call {first_s:.1f} s)")
-            if err <= 2e-2:
-                ranked.append((ms, cfg))
+            if kind == "fwd":
+                fn = lambda b=blocks: k.co_attention_fwd(*ts, *args, blocks=b)  # noqa: E731
+                measure(name, fn, lambda got: rel(got[:2], ref_out), flops, reps, trials, 2e-2, ranked, cfg, " vs sdpa")
+            else:
+                fn = lambda b=blocks: k.co_attention_bwd(*dos, *ts, *out, *args, blocks=b)  # noqa: E731
+                measure(name, fn, lambda got: rel(got, ref_grads), 2.5 * flops, reps, trials, 2e-2, ranked, cfg,
+                        " vs sdpa")
+        print_best(f"{case} {kind} best: ", ranked, lambda cfg: "default" if cfg is None else str(cfg))
         if ranked:
-            ranked.sort(key=lambda r: r[0])
             best[kind] = ranked[0]
-            print(f"{case} {kind} best: " + ", ".join(f"{'default' if cfg is None else cfg} {ms:.4f} ms"
-                                                    for ms, cfg in ranked[:3]), flush=True)
     return best
 
 

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
-from tune_common import aot_check, line, rel, timed
+from tune_common import aot_check, line, measure, print_best, rel, timed
 
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODELS = {"vit_b16": (16, 768), "vit_l14": (14, 1024)}  # patch, width (224 px images, 3 channels)
@@ -79,23 +78,9 @@ def study(model, B, dt, dev, n_configs, reps, trials):
         bm, bn, bk, nw, ns = cfg
         blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
         name = f"{model} triton gemm+bias+pos {bm}x{bn}x{bk} w{nw} s{ns}"
-        try:
-            t0 = time.perf_counter()
-            out = k.patch_embed_fwd(*args, blocks=blocks)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            compile_s = time.perf_counter() - t0
-            err = rel(out.view(M, D), ref_rows)
-            ms = timed(lambda: k.patch_embed_fwd(*args, blocks=blocks), reps, trials)
-        except Exception as e:  # noqa: BLE001 - a configuration that does not compile or launch is reported
-            print(f"{name:<58s} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
-            continue
-        line(name, ms, flops, f"relerr {err:.1e} (first call {compile_s:.1f} s)")
-        if err <= 1e-2:
-            ranked.append((ms, cfg))
-    if ranked:
-        ranked.sort()
-        print(f"{model} best gemm tiles: " + ", ".join(f"{c} {ms:.4f} ms" for ms, c in ranked[:3]), flush=True)
+        measure(name, lambda b=blocks: k.patch_embed_fwd(*args, blocks=b), lambda out: rel(out.view(M, D), ref_rows),
+                flops, reps, trials, 1e-2, ranked, cfg)
+    print_best(f"{model} best gemm tiles: ", ranked)
 
     # the backward's d_weight GEMM (no LayerNorm: g0 = the patch rows of grad) over tiles and row splits
     grad = torch.randn(B, 1 + NP, D, generator=g).to(dev, dt)
@@ -111,23 +96,9 @@ def study(model, B, dt, dev, n_configs, reps, trials):
             steps = -(-M // bm)
             blocks["SPLIT_M"] = -(-steps // max(1, min(steps, -(-progs // tiles)))) * bm
         name = f"{model} backward d_weight {bm}x{bn}x{bk} w{nw} s{ns}" + (f" ~{progs} progs" if progs else "")
-        try:
-            t0 = time.perf_counter()
-            dw = k.patch_embed_bwd(grad, *a1, False, blocks=blocks)[1]
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            compile_s = time.perf_counter() - t0
-            err = rel(dw, dw_ref)
-            ms = timed(lambda b=blocks: k.patch_embed_bwd(grad, *a1, False, blocks=b), reps, trials)
-        except Exception as e:  # noqa: BLE001 - a configuration that does not compile or launch is reported
-            print(f"{name:<58s} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
-            continue
-        line(name, ms, flops, f"relerr {err:.1e} (first call {compile_s:.1f} s)")
-        if err <= 1e-2:
-            ranked.append((ms, (bm, bn, bk, nw, ns, progs)))
-    if ranked:
-        ranked.sort()
-        print(f"{model} best d_weight tiles: " + ", ".join(f"{c} {ms:.4f} ms" for ms, c in ranked[:3]), flush=True)
+        measure(name, lambda b=blocks: k.patch_embed_bwd(grad, *a1, False, blocks=b)[1], lambda dw: rel(dw, dw_ref),
+                flops, reps, trials, 1e-2, ranked, (bm, bn, bk, nw, ns, progs))
+    print_best(f"{model} best d_weight tiles: ", ranked)
 
     # the whole op at the default tiles: forward (with / without the LayerNorm), backward (weights only)
     for ln in (False, True):

@@ -71,3 +71,30 @@ def aot_check(specs) -> int:
         bad += bool(fails)
         print(rep.row() + ("  " + "; ".join(fails) if fails else ""), flush=True)
     return bad
+
+
+def measure(name, fn, err_of, flops, reps, trials, tol, ranked, key, vs=""):
+    """One tile configuration: ``fn()`` once (the first call compiles; its output goes to ``err_of`` for the
+    relative error), then timed; prints one line (or FAILED when it does not compile or launch) and
+    appends ``(ms, key)`` to ``ranked`` when the error is within ``tol``."""
+    try:
+        t0 = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        first_s = time.perf_counter() - t0
+        err = err_of(out)
+        ms = timed(fn, reps, trials)
+    except Exception as e:  # noqa: BLE001 - a configuration that does not compile or launch is reported
+        print(f"{name:<58s} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+        return
+    line(name, ms, flops, f"relerr {err:.1e}{vs} (first call {first_s:.1f} s)")
+    if err <= tol:
+        ranked.append((ms, key))
+
+
+def print_best(label, ranked, show=str):
+    """``label`` and the three fastest of ``ranked`` ((ms, key) pairs), keys shown by ``show``."""
+    if ranked:
+        ranked.sort(key=lambda r: r[0])
+        print(label + ", ".join(f"{show(key)} {ms:.4f} ms" for ms, key in ranked[:3]), flush=True)
