@@ -132,6 +132,30 @@ def _layer_norm(x, d, md, D, w_ptr, b_ptr, eps, HAS_W: tl.constexpr, HAS_B: tl.c
 # kernels
 
 @triton.jit
+def _patch_rows(rm, NP, Gw, P: tl.constexpr):
+    """Token rows ``m = b NP + n`` -> (image b, patch n, top row y0, left column x0 of the patch)."""
+    b = rm // NP
+    n = rm - b * NP
+    gh = n // Gw
+    gw = n - gh * Gw
+    return b, n, gh * P, gw * P
+
+
+@triton.jit
+def _patch_cols(k, P: tl.constexpr):
+    """Patch columns ``k = (c P + ph) P + pw`` -> (channel c, row ph, column pw within the patch)."""
+    return k // (P * P), (k // P) % P, k % P
+
+
+@triton.jit
+def _pad_mask(mask, y0, x0, ph, pw, H, W, PAD: tl.constexpr):
+    """``mask`` [rows, cols] without the pixels of the zero padding (right / bottom) when PAD."""
+    if PAD:
+        mask = mask & ((y0[:, None] + ph[None, :]) < H) & ((x0[:, None] + pw[None, :]) < W)
+    return mask
+
+
+@triton.jit
 def _patch_gemm_kernel(img_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr,
                        M, D, C, H, W, NP, Gw, s_b, s_c, s_h, s_w, T, R0,
                        P: tl.constexpr, PAD: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_POS: tl.constexpr,
@@ -147,12 +171,7 @@ def _patch_gemm_kernel(img_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr,
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mm = rm < M
-    b = rm // NP
-    n = rm - b * NP
-    gh = n // Gw
-    gw = n - gh * Gw
-    y0 = gh * P
-    x0 = gw * P
+    b, n, y0, x0 = _patch_rows(rm, NP, Gw, P)
     a_row = b.to(tl.int64) * s_b + y0 * s_h + x0 * s_w  # [BLOCK_M]
 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -163,13 +182,10 @@ def _patch_gemm_kernel(img_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr,
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         mk = k < K
-        pw = k % P
-        ph = (k // P) % P
-        c = k // (P * P)
+        c, ph, pw = _patch_cols(k, P)
         a_col = c * s_c + ph * s_h + pw * s_w  # [BLOCK_K]
         a_mask = mm[:, None] & mk[None, :]
-        if PAD:
-            a_mask = a_mask & ((y0[:, None] + ph[None, :]) < H) & ((x0[:, None] + pw[None, :]) < W)
+        a_mask = _pad_mask(a_mask, y0, x0, ph, pw, H, W, PAD)
         a = tl.load(img_ptr + a_row[:, None] + a_col[None, :], mask=a_mask, other=0.0)
         w = tl.load(w_ptr + w_row[:, None] + k[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
         acc = _dot(a, tl.trans(w), acc, F32_DOT)
@@ -331,9 +347,7 @@ def _patch_dweight_kernel(img_ptr, g0_ptr, dw_ptr, M, D, C, H, W, NP, Gw, s_b, s
     mn = rn < D
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mk = rk < K
-    pw = rk % P
-    ph = (rk // P) % P
-    c = rk // (P * P)
+    c, ph, pw = _patch_cols(rk, P)
     a_col = c * s_c + ph * s_h + pw * s_w  # [BLOCK_K]
     m_lo = s * M_SPLIT
     m_hi = tl.minimum(m_lo + M_SPLIT, M)
@@ -342,16 +356,10 @@ def _patch_dweight_kernel(img_ptr, g0_ptr, dw_ptr, M, D, C, H, W, NP, Gw, s_b, s
     for m0 in range(m_lo, m_hi, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         mm = rm < m_hi
-        b = rm // NP
-        n = rm - b * NP
-        gh = n // Gw
-        gw = n - gh * Gw
-        y0 = gh * P
-        x0 = gw * P
+        b, n, y0, x0 = _patch_rows(rm, NP, Gw, P)
         a_row = b.to(tl.int64) * s_b + y0 * s_h + x0 * s_w
         a_mask = mm[:, None] & mk[None, :]
-        if PAD:
-            a_mask = a_mask & ((y0[:, None] + ph[None, :]) < H) & ((x0[:, None] + pw[None, :]) < W)
+        a_mask = _pad_mask(a_mask, y0, x0, ph, pw, H, W, PAD)
         a = tl.load(img_ptr + a_row[:, None] + a_col[None, :], mask=a_mask, other=0.0)
         g = tl.load(g0_ptr + rm.to(tl.int64)[None, :] * D + rn[:, None], mask=mn[:, None] & mm[None, :], other=0.0)
         acc = _dot(_round_to(g, dt, F32_DOT), a, acc, F32_DOT)
@@ -386,20 +394,12 @@ def _patch_dimages_kernel(g0_ptr, w_ptr, dimg_ptr, M, D, C, H, W, NP, Gw,
         g = tl.load(g0_ptr + g_row[:, None] + rd[None, :], mask=mm[:, None] & md[None, :], other=0.0)
         w = tl.load(w_ptr + rd.to(tl.int64)[:, None] * K + rk[None, :], mask=md[:, None] & mk[None, :], other=0.0)
         acc = _dot(_round_to(g, dt, F32_DOT), w, acc, F32_DOT)
-    b = rm // NP
-    n = rm - b * NP
-    gh = n // Gw
-    gw = n - gh * Gw
-    y0 = gh * P
-    x0 = gw * P
-    pw = rk % P
-    ph = (rk // P) % P
-    c = rk // (P * P)
+    b, n, y0, x0 = _patch_rows(rm, NP, Gw, P)
+    c, ph, pw = _patch_cols(rk, P)
     o_row = b.to(tl.int64) * C * H * W + y0 * W + x0
     o_col = c * (H * W) + ph * W + pw
     mask = mm[:, None] & mk[None, :]
-    if PAD:
-        mask = mask & ((y0[:, None] + ph[None, :]) < H) & ((x0[:, None] + pw[None, :]) < W)
+    mask = _pad_mask(mask, y0, x0, ph, pw, H, W, PAD)
     tl.store(dimg_ptr + o_row[:, None] + o_col[None, :], acc, mask=mask)
 
 

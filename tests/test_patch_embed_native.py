@@ -135,15 +135,21 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", list(SHAPES), ids=str)
+def over_shapes(shapes):
+    """Parametrizes a test over ``shape`` (names of ``shapes``) and ``dtype`` (DTYPES); shared with the
+    backward's tests."""
+    def deco(fn):
+        return pytest.mark.parametrize("dtype", DTYPES, ids=str)(pytest.mark.parametrize("shape", list(shapes), ids=str)(fn))
+    return deco
+
+
+@over_shapes(SHAPES)
 def test_shapes(shape, dtype):
     """Every stage on (bias, LayerNorm 1, pos, LayerNorm 2), the usual stems and the odd ones."""
     check(make_case(*SHAPES[shape], dtype, "shapes"))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", list(SHAPES), ids=str)
+@over_shapes(SHAPES)
 def test_plain_projection(shape, dtype):
     """The bare GEMM (no bias, pos or norms) and the timm / CLIP default (bias + pos)."""
     check(make_case(*SHAPES[shape], dtype, "plain", bias=False, pos=False, pn=None, ln=None))
@@ -153,11 +159,22 @@ def test_plain_projection(shape, dtype):
 NORM_OPTS = [None, (True, True), (False, False), (True, False), (False, True)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("ln", NORM_OPTS, ids=lambda o: "ln_off" if o is None else f"ln_w{int(o[0])}b{int(o[1])}")
-@pytest.mark.parametrize("pn", NORM_OPTS, ids=lambda o: "pn_off" if o is None else f"pn_w{int(o[0])}b{int(o[1])}")
-@pytest.mark.parametrize("pos", [False, True], ids=["nopos", "pos"])
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def over_stage_combinations(fn):
+    """Parametrizes a test over bias x pos x patch norm x LayerNorm (off, or with / without weight and bias)
+    x dtype; shared with the backward's tests."""
+    marks = [
+        pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str),
+        pytest.mark.parametrize("ln", NORM_OPTS, ids=lambda o: "ln_off" if o is None else f"ln_w{int(o[0])}b{int(o[1])}"),
+        pytest.mark.parametrize("pn", NORM_OPTS, ids=lambda o: "pn_off" if o is None else f"pn_w{int(o[0])}b{int(o[1])}"),
+        pytest.mark.parametrize("pos", [False, True], ids=["nopos", "pos"]),
+        pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"]),
+    ]
+    for m in marks:
+        fn = m(fn)
+    return fn
+
+
+@over_stage_combinations
 def test_every_stage_combination(bias, pos, pn, ln, dtype):
     """bias / pos present or absent, each LayerNorm off or on with its weight / bias present or None."""
     a = make_case(2, 3, 24, 40, 8, 48, dtype, "combo", bias, pos, str(pn), str(ln), bias=bias, pos=pos, pn=pn, ln=ln)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import cpu_isa
-from test_patch_embed_native import BM_ENV, DTYPES, NORM_OPTS, SEED_BASE, TOL, _cdt, _gen  # shared with the forward
+from test_patch_embed_native import (  # shared with the forward
+    BM_ENV, DTYPES, SEED_BASE, SHAPES as FWD_SHAPES, TOL, _cdt, _gen, over_shapes, over_stage_combinations, relerr)
 
 _C = pytest.importorskip("vlops._C", reason="the compiled extension vlops._C is not built")
 if not hasattr(_C, "patch_embed_bwd_cpu"):
@@ -99,14 +100,6 @@ def ref_grads(a):
     return out
 
 
-def relerr(out, ref):
-    out, ref = out.double(), ref.double()
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    assert torch.isfinite(out).all(), "non-finite output"
-    den = ref.norm().item()
-    return (out - ref).norm().item() / den if den > 0 else (out - ref).norm().item()
-
-
 def check(a, got=None):
     """Runs the kernel (unless `got` is given), checks every output's presence, shape, dtype, layout and value
     against float64 autograd; returns the outputs."""
@@ -127,32 +120,21 @@ def check(a, got=None):
     return got
 
 
-SHAPES = {
-    # name: (B, C, H, W, P, D)
-    "vit_b16_224": (2, 3, 224, 224, 16, 768),
-    "odd_c1_28x42": (1, 1, 28, 42, 14, 100),
-    "padded_30x45": (2, 3, 30, 45, 16, 64),
-}
+SHAPES = {k: v for k, v in FWD_SHAPES.items() if k != "vit_l14_336"}  # name: (B, C, H, W, P, D)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", list(SHAPES), ids=str)
+@over_shapes(SHAPES)
 def test_shapes(shape, dtype):
     check(make_case(*SHAPES[shape], dtype, "shapes"))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", list(SHAPES), ids=str)
+@over_shapes(SHAPES)
 def test_plain_projection(shape, dtype):
     check(make_case(*SHAPES[shape], dtype, "plain", bias=False, pos=False, pn=None, ln=None))
     check(make_case(*SHAPES[shape], dtype, "bias_pos", pn=None, ln=None))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("ln", NORM_OPTS, ids=lambda o: "ln_off" if o is None else f"ln_w{int(o[0])}b{int(o[1])}")
-@pytest.mark.parametrize("pn", NORM_OPTS, ids=lambda o: "pn_off" if o is None else f"pn_w{int(o[0])}b{int(o[1])}")
-@pytest.mark.parametrize("pos", [False, True], ids=["nopos", "pos"])
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@over_stage_combinations
 def test_every_stage_combination(bias, pos, pn, ln, dtype):
     a = make_case(2, 3, 24, 40, 8, 48, dtype, "combo", bias, pos, str(pn), str(ln), bias=bias, pos=pos, pn=pn, ln=ln)
     check(a)
