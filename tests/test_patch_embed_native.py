@@ -287,14 +287,20 @@ def test_thread_counts_and_determinism():
     assert relerr(single, first) <= 1e-6
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
-def test_isas(isa):
+def check_isa(isa, check, make_case):
+    """Every instruction-set path of a kernel (forward here, backward in the backward's tests): fp32 and bf16,
+    D = 100 (vector body and tail) and D = 7 (tail only)."""
     if isa not in _C.cpu_isas_supported():
         pytest.skip(f"this CPU cannot run {isa}")
     with cpu_isa(isa):
         for dtype in (torch.float32, torch.bfloat16):
-            check(make_case(2, 3, 30, 45, 16, 100, dtype, "isa", isa))  # D = 100: vector body and tail
-            check(make_case(2, 3, 32, 32, 8, 7, dtype, "isa_tiny", isa))  # D < 16: tail only
+            check(make_case(2, 3, 30, 45, 16, 100, dtype, "isa", isa))
+            check(make_case(2, 3, 32, 32, 8, 7, dtype, "isa_tiny", isa))
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_isas(isa):
+    check_isa(isa, check, make_case)
 
 
 def test_layernorm_two_pass_with_offset():

@@ -13,9 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import cpu_isa
 from test_patch_embed_native import (  # shared with the forward
-    BM_ENV, DTYPES, SEED_BASE, SHAPES as FWD_SHAPES, TOL, _cdt, _gen, over_shapes, over_stage_combinations, relerr)
+    BM_ENV, DTYPES, SEED_BASE, SHAPES as FWD_SHAPES, TOL, _cdt, _gen, check_isa, over_shapes, over_stage_combinations, relerr)
 
 _C = pytest.importorskip("vlops._C", reason="the compiled extension vlops._C is not built")
 if not hasattr(_C, "patch_embed_bwd_cpu"):
@@ -242,12 +241,7 @@ def test_thread_counts_and_determinism():
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_isas(isa):
-    if isa not in _C.cpu_isas_supported():
-        pytest.skip(f"this CPU cannot run {isa}")
-    with cpu_isa(isa):
-        for dtype in (torch.float32, torch.bfloat16):
-            check(make_case(2, 3, 30, 45, 16, 100, dtype, "isa", isa))  # D = 100: vector body and tail
-            check(make_case(2, 3, 32, 32, 8, 7, dtype, "isa_tiny", isa))  # D < 16: tail only
+    check_isa(isa, check, make_case)
 
 
 def test_empty_and_degenerate():
