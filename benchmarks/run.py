@@ -3,7 +3,8 @@
 
     python benchmarks/run.py [--ops diffusion ...] [--sizes sd,headline ...] [--dtypes fp32,bf16,fp16]
                              [--device cpu|cuda] [--quick] [--out DIR] [--backends cpu,triton,cuda]
-                             [--cases NAME ...] [--min-time S] [--no-plot]
+                             [--cases NAME ...] [--passes forward backward forward+backward] [--min-time S]
+                             [--no-plot]
 
 For each case (op, case, size, dtype, pass) the eager baseline and every fused backend are timed in
 the same run, interleaved call by call (rotating among several input sets when the inputs fit in the
@@ -702,6 +703,8 @@ def parse_args(argv=None):
     p.add_argument("--out", help="write csv/png/table into this folder (default: benchmarks/results)")
     p.add_argument("--backends", nargs="+", help="fused backends to run (default: cpu on CPU; triton, cuda on CUDA)")
     p.add_argument("--cases", nargs="+", help="only cases whose name contains one of these")
+    p.add_argument("--passes", nargs="+", choices=registry.PASSES,
+                   help="only these passes (default: every pass each case has)")
     p.add_argument("--min-time", type=float, help="seconds of timed calls per implementation (default 0.5 CPU, "
                    "0.3 CUDA, 0.1 quick)")
     p.add_argument("--no-plot", action="store_true")
@@ -803,6 +806,8 @@ def main(argv=None) -> int:
             case_list = []
             for case in gen:
                 if case_filter and not any(f in case.name for f in case_filter):
+                    continue
+                if args.passes and case.pass_ not in args.passes:
                     continue
                 case_list.append(case)
         except Exception as e:

@@ -125,3 +125,12 @@ def test_backward_pass_rows(tmp_path):
         if r["impl"] == "fused":
             assert float(r["check_relerr"]) < 1e-5, r  # fp32: the same outputs / gradients as SDPA
             assert float(r["median_ms"]) > 0
+
+
+def test_passes_filter_lists_only_those_passes():
+    cmd = [sys.executable, RUN, "--quick", "--device", "cpu", "--ops", "coattention", "--list", "--passes", "backward"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    listed = [ln for ln in proc.stdout.splitlines() if ln.startswith("  coattention/")]
+    assert listed and all(" backward [" in ln for ln in listed), proc.stdout
