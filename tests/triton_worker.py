@@ -19,8 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_worker(script: str, tag: str, tmp_path_factory, device: str, interpret: bool) -> dict:
     pytest.importorskip("triton")
-    # a fresh seed per session (printed, and named in every failure message); VLOPS_TRITON_SEED reruns one
-    seed = int(os.environ.get("VLOPS_TRITON_SEED") or int.from_bytes(os.urandom(4), "little"))
+    # a fresh seed per session (printed, and named in every failure message); VLOPS_TEST_SEED reruns one
+    seed = int(os.environ.get("VLOPS_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     out = str(tmp_path_factory.mktemp(f"{tag}_triton_{device}") / "results.json")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
