@@ -9,7 +9,13 @@ fp32, <= 1e-10 in fp64, <= 1e-2 in fp16 / bf16 and no worse than 2x the same mat
 that dtype; lse (fp32, or fp64 for fp64 inputs) <= 1e-5 (1e-10 in fp64) with -inf exactly where a row has no
 valid key. The reference runs on the inputs as given (already rounded to their dtype); in mode 1 it adds the
 -10000 bias in fp32 for fp32 / 16-bit inputs, as the contract specifies, and batches with no valid key in mode 1
-(scores ~ -1e4, quantised by that fp32 add) are held to 2e-3 (see check()).
+(scores ~ -1e4, quantised by that fp32 add) are held to 2e-3 (see check()). fp32 with scores of 100
+(test_large_scores_stable) is ill-conditioned itself: the fp32 rounding of a score is up to ~2**-24 times the
+sum of the absolute products in its dot product (115 to 270 there), and exp turns that absolute error into a
+relative one of the weights, whatever the implementation; the nearly one-hot rows then make the gradients'
+``dP - rowsum(dout * out)`` a cancellation (eager fp32 gets up to 2e-5 too). There the bound is the larger of
+1e-5 and ``2**-21 * scale * max_ij sum_c |q_ic k_jc|`` (1e-5 alone failed 7 seeds in 300; over 2000 seeds the
+worst gradient used 0.54 of this bound).
 """
 from __future__ import annotations
 
@@ -156,9 +162,17 @@ def lse_err(out, ref):
     return relerr(out[fin], ref[fin]) if fin.any() else 0.0
 
 
-def check(a, outs=None, grads=None, do_bwd=True, eager=True, what=""):
+def score_magnitude(a):
+    """scale * max over both directions of sum_c |q_ic k_jc|: the size the fp32 rounding of a score scales with."""
+    mags = [torch.einsum("bihc,bjhc->bhij", a[q].double().abs(), a[k].double().abs()).max().item()
+            for q, k in (("tq", "ik"), ("iq", "tk")) if a[q].numel() and a[k].numel()]
+    return a["scale"] * max(mags, default=0.0)
+
+
+def check(a, outs=None, grads=None, do_bwd=True, eager=True, what="", ill_fp32=False):
     """Runs the kernels (unless given) and checks the layout and every value against the float64 math; returns
-    (outs, grads)."""
+    (outs, grads). ``ill_fp32``: fp32 inputs whose scores are ill-conditioned in fp32 (see the module
+    docstring): the bound becomes max(TOL, 2**-21 * score_magnitude(a))."""
     dtype = a["tq"].dtype
     B, Nt, H, d = a["tq"].shape
     Nv = a["iq"].shape[1]
@@ -172,6 +186,7 @@ def check(a, outs=None, grads=None, do_bwd=True, eager=True, what=""):
     ref = reference(a, grads=do_bwd)
     ctx = f"{what} dtype={dtype} mode={a['mask_mode']} p={a['dropout_p']} seed {SEED_BASE}"
     eag = reference(a, ct=dtype, grads=do_bwd) if (eager and dtype in LOW) else None
+    ill_tol = 2.0 ** -21 * score_magnitude(a) if ill_fp32 else 0.0
 
     # Mode 1, a batch with no valid key in a direction: every score is (scale q.k) - 10000 in fp32, quantised
     # to 2**-10, so a last-bit difference of the dot product moves a weight by up to 1e-3, and that direction's
@@ -192,7 +207,8 @@ def check(a, outs=None, grads=None, do_bwd=True, eager=True, what=""):
             if not len(got):
                 return
         err = relerr(got, want)
-        assert err <= TOL[dtype], f"{name}: relative error {err:.3e} > {TOL[dtype]:.0e}; {ctx}"
+        tol = max(TOL[dtype], ill_tol)
+        assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}; {ctx}"
         if eag is not None:
             e = eag[idx] if idx < 4 else eag[4][idx - 4]
             e_err = relerr(e[~lb], want)
@@ -485,14 +501,18 @@ def test_16bit_round_to_nearest_even(dtype):
 
 
 def test_large_scores_stable():
-    """Scores near 100 (scale 1, large inputs; exp would overflow fp32 above 88): the max-shifted softmax neither
-    overflows nor loses the row sums; mode 1 with a fully masked batch as well."""
+    """Scores up to 100 (scale 1; exp would overflow fp32 above 88): the max-shifted softmax neither overflows
+    nor loses the row sums; mode 1 with a fully masked batch as well. The queries are scaled so that the
+    largest score of each direction is 100 (about, after rounding), whatever the draw."""
     a = make_case(2, 6, 25, 2, 16, torch.float32, "big", t_len=[6, 0], i_len=[25, 7], scale=1.0, mode=1)
     for k in NAMES:
         a[k] = a[k] * 3
-    s = torch.einsum("bihc,bjhc->bhij", a["tq"].double(), a["ik"].double())
-    assert s.abs().max() > 88
-    check(a, what="large")
+    for q, k in (("tq", "ik"), ("iq", "tk")):
+        s = torch.einsum("bihc,bjhc->bhij", a[q].double(), a[k].double())
+        a[q] = (a[q].double() * (100.0 / s.abs().max().item())).float()
+        s = torch.einsum("bihc,bjhc->bhij", a[q].double(), a[k].double())
+        assert 99 < s.abs().max() < 101
+    check(a, what="large", ill_fp32=True)
 
 
 def test_argument_names():
