@@ -68,15 +68,19 @@ def _float64(fn, a, b, scale, bias):
 
 def _clip_floors(a, b, scale):
     """Magnitudes of the target terms of the CLIP gradients (d a ~ scale/N b, d b ~ scale/N a, d scale ~
-    mean a.b): when the softmax is nearly one-hot, each gradient is a small difference of such terms,
-    and its error is judged against them (the same holds for eager fp32, which forms P - 1)."""
+    mean a.b, with a.b counted as sum |a_d b_d|, the size its fp32 rounding scales with): when the softmax is
+    nearly one-hot, each gradient is a small difference of such terms, and its error is judged against them
+    (the same holds for eager fp32, which forms P - 1)."""
     N = a.shape[0]
     a64, b64 = a.double(), b.double()
-    return [scale / N * b64.norm().item(), scale / N * a64.norm().item(), (a64 * b64).sum(1).abs().mean().item()]
+    return [scale / N * b64.norm().item(), scale / N * a64.norm().item(),
+            (a64.abs() * b64.abs()).sum(1).mean().item()]
 
 
 def _siglip_floors(a, b, scale, bias, negative_only=False):
-    """d scale and d bias of SigLIP are sums of terms of both signs: judged against sum |term|."""
+    """d scale and d bias of SigLIP are sums of terms of both signs: judged against sum |term|, with each
+    a.b of d scale counted as sum |a_d b_d| (the size its fp32 rounding scales with: one pair of unit rows
+    at D = 512 can give a.b = 0.01 from terms summing to 0.6)."""
     a64, b64 = a.double(), b.double()
     G = a64 @ b64.T
     L = scale * G + bias
@@ -86,7 +90,7 @@ def _siglip_floors(a, b, scale, bias, negative_only=False):
         z[torch.arange(k), torch.arange(k)] = 1.0
     W = -z * torch.sigmoid(-z * L)
     N = a.shape[0]
-    return [0.0, 0.0, (W * G).abs().sum().item() / N, W.abs().sum().item() / N]
+    return [0.0, 0.0, (W.abs() * (a64.abs() @ b64.abs().T)).sum().item() / N, W.abs().sum().item() / N]
 
 
 def _check(loss, grads, loss64, grads64, dtype, eager=None, what="", floors=None):
