@@ -2,6 +2,8 @@
 AOT specs (not a kernel module itself: the AOT check skips files starting with "_")."""
 from __future__ import annotations
 
+import numbers
+
 import triton
 import triton.language as tl
 
@@ -75,3 +77,32 @@ def aot_signature(fn, constexprs: dict, typed_ptrs: dict, scalar_type) -> dict:
         else:
             sig[name] = scalar_type(name)
     return sig
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher argument checks (host side)
+
+def _check(cond, msg):
+    """Raises ValueError(msg) unless ``cond``: the launchers' argument checks."""
+    if not cond:
+        raise ValueError(msg)
+
+
+def _is_int(v):
+    """A Python / numpy integer, not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_float_input(name, t, dims: str, interpreted: bool):
+    """The leading input of a launcher: a torch.Tensor with ``len(dims.split(', '))`` dimensions (``dims``,
+    e.g. "B, C, H, W", names them in the message), float32 / float16 / bfloat16, on a CUDA device (any device
+    under the interpreter)."""
+    import torch
+
+    _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check(t.dim() == len(dims.split(", ")), f"{name} must be {len(dims.split(', '))}-D [{dims}], got shape "
+           f"{tuple(t.shape)}")
+    _check(t.dtype in (torch.float32, torch.float16, torch.bfloat16),
+           f"{name} dtype must be float32 / float16 / bfloat16, got {t.dtype}")
+    _check(t.is_cuda or interpreted,
+           f"{name} must be a CUDA tensor (CPU tensors only under TRITON_INTERPRET=1), got {t.device}")

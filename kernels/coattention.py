@@ -99,7 +99,8 @@ import struct
 import triton
 import triton.language as tl
 
-from ._tl_common import _dot, _philox4x32_10, _round_to, _store_rounded, aot_signature
+from ._tl_common import (_check, _check_float_input, _dot, _is_int, _philox4x32_10, _round_to, _store_rounded,
+                         aot_signature)
 
 __all__ = ["co_attention_fwd", "co_attention_bwd", "AOT_SPECS", "block_config"]
 
@@ -602,15 +603,6 @@ def block_config(kind: str, element_size: int = 2, head_dim: int = 64, n_max: in
     return cfg
 
 
-def _check(cond, msg):
-    if not cond:
-        raise ValueError(msg)
-
-
-def _is_int(v):
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 def _f32(x: float) -> float:
     """x rounded to the nearest float32 (ties to even), as a python float."""
     return struct.unpack("f", struct.pack("f", x))[0]
@@ -645,10 +637,7 @@ def _validate(tq, tk, tv, iq, ik, iv, t_len, i_len, t_mask, i_mask, scale, mask_
     for name, t in (("tq", tq), ("tk", tk), ("tv", tv), ("iq", iq), ("ik", ik), ("iv", iv)):
         _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
         _check(t.dim() == 4, f"{name} must be 4-D [B, N, H, d], got shape {tuple(t.shape)}")
-    _check(tq.dtype in (torch.float32, torch.float16, torch.bfloat16),
-           f"tq dtype must be float32 / float16 / bfloat16, got {tq.dtype}")
-    _check(tq.is_cuda or _INTERPRETED,
-           f"tq must be a CUDA tensor (CPU tensors only under TRITON_INTERPRET=1), got {tq.device}")
+    _check_float_input("tq", tq, "B, N, H, d", _INTERPRETED)
     B, Nt, H, d = tq.shape
     Nv = iq.shape[1]
     _check(B >= 1 and Nt >= 1 and H >= 1 and d >= 1, f"tq must have B, Nt, H, d >= 1, got shape {tuple(tq.shape)}")

@@ -75,7 +75,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tl_common import _dot, _round_to, _store_rounded, aot_signature
+from ._tl_common import _check, _dot, _round_to, _store_rounded, aot_signature
 
 __all__ = ["contrastive_lse", "clip_bwd", "siglip_fwd", "siglip_bwd", "AOT_SPECS", "block_config", "default_method"]
 
@@ -377,11 +377,6 @@ def block_config(kind: str, element_size: int) -> dict:
         return dict(BLOCK_X=64, BLOCK_Y=64, BLOCK_D=bd, BLOCK_DO=256 if half else 64,
                     num_warps=8, num_stages=3 if half else 2)
     raise ValueError(f"unknown kernel kind {kind!r}")
-
-
-def _check(cond, msg):
-    if not cond:
-        raise ValueError(msg)
 
 
 def _validate(a, b, scale, bias=None):

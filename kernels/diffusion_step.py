@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ._tl_common import _philox4x32_10
+from ._tl_common import _check, _philox4x32_10
 
 __all__ = ["diffusion_step", "AOT_SPECS", "block_config"]
 
@@ -268,11 +268,6 @@ def block_config(element_size: int):
     if element_size == 4:
         return 1024, 4
     return 512, 4
-
-
-def _check(cond, msg):
-    if not cond:
-        raise ValueError(msg)
 
 
 def diffusion_step(eps, uncond, sample, noise, timesteps, prev_table, alphas_cumprod, x0_scale, eps_scale,

@@ -104,7 +104,7 @@ import numbers
 import triton
 import triton.language as tl
 
-from ._tl_common import _dot, _round_to, _store_rounded, aot_signature
+from ._tl_common import _check, _check_float_input, _dot, _is_int, _round_to, _store_rounded, aot_signature
 
 __all__ = ["patch_embed_fwd", "patch_embed_bwd", "AOT_SPECS", "block_config"]
 
@@ -448,26 +448,12 @@ def block_config(kind: str, element_size: int = 2, D: int | None = None) -> dict
     raise ValueError(f"unknown kernel kind {kind!r}")
 
 
-def _check(cond, msg):
-    if not cond:
-        raise ValueError(msg)
-
-
-def _is_int(v):
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 def _validate(images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias, ln_eps, use_ln,
               patch_size, prefix_tokens, out):
     """Checks every argument (ValueError naming it); returns (B, C, H, W, D, K, P, R0, Gh, Gw)."""
     import torch
 
-    _check(isinstance(images, torch.Tensor), f"images must be a torch.Tensor, got {type(images).__name__}")
-    _check(images.dim() == 4, f"images must be 4-D [B, C, H, W], got shape {tuple(images.shape)}")
-    _check(images.dtype in (torch.float32, torch.float16, torch.bfloat16),
-           f"images dtype must be float32 / float16 / bfloat16, got {images.dtype}")
-    _check(images.is_cuda or _INTERPRETED,
-           f"images must be a CUDA tensor (CPU tensors only under TRITON_INTERPRET=1), got {images.device}")
+    _check_float_input("images", images, "B, C, H, W", _INTERPRETED)
     B, C, H, W = images.shape
     _check(C >= 1 and H >= 1 and W >= 1, f"images must have C, H, W >= 1, got shape {tuple(images.shape)}")
     _check(_is_int(patch_size) and patch_size >= 1, f"patch_size must be an int >= 1, got {patch_size!r}")
