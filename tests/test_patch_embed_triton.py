@@ -444,15 +444,9 @@ def _bad_bwd_checks(torch, k, device):
         out.append({"id": "bwd-empty-batch", "ok": ok, "msg": f"got {[None if t is None else tuple(t.shape) for t in o]}"})
     except Exception as e:  # noqa: BLE001
         out.append({"id": "bwd-empty-batch", "ok": False, "msg": repr(e)})
-    for id_, name, fn in bad:
-        try:
-            fn()
-            out.append({"id": f"bwd-bad-{id_}", "ok": False, "msg": "no error"})
-        except ValueError as e:
-            out.append({"id": f"bwd-bad-{id_}", "ok": name in str(e), "msg": str(e)})
-        except Exception as e:  # noqa: BLE001
-            out.append({"id": f"bwd-bad-{id_}", "ok": False, "msg": repr(e)})
-    return out
+    from triton_worker import bad_input_results
+
+    return out + bad_input_results(bad, prefix="bwd-bad")
 
 
 def _bad_input_checks(torch, k, device):

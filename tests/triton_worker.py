@@ -78,18 +78,18 @@ def assert_collected_by_aot(module: str, matmul: bool = True):
     assert "AOT_SPECS = [" in src and (not matmul or '"matmul": True' in src)
 
 
-def bad_input_results(bad) -> list[dict]:
+def bad_input_results(bad, prefix: str = "bad") -> list[dict]:
     """Run each ``(id, name, fn)`` of ``bad`` (a call that must raise ValueError naming ``name``) and return
-    one ``{"id": "bad-<id>", "ok", "msg"}`` per call, for the worker's JSON."""
+    one ``{"id": "<prefix>-<id>", "ok", "msg"}`` per call, for the worker's JSON."""
     out = []
     for id_, name, fn in bad:
         try:
             fn()
-            out.append({"id": f"bad-{id_}", "ok": False, "msg": "no error"})
+            out.append({"id": f"{prefix}-{id_}", "ok": False, "msg": "no error"})
         except ValueError as e:
-            out.append({"id": f"bad-{id_}", "ok": name in str(e), "msg": str(e)})
+            out.append({"id": f"{prefix}-{id_}", "ok": name in str(e), "msg": str(e)})
         except Exception as e:  # noqa: BLE001 - any other exception is a failure, reported with its type
-            out.append({"id": f"bad-{id_}", "ok": False, "msg": repr(e)})
+            out.append({"id": f"{prefix}-{id_}", "ok": False, "msg": repr(e)})
     return out
 
 
