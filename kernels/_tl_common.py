@@ -83,9 +83,21 @@ def aot_signature(fn, constexprs: dict, typed_ptrs: dict, scalar_type) -> dict:
 # launcher argument checks (host side)
 
 def _check(cond, msg):
-    """Raises ValueError(msg) unless ``cond``: the launchers' argument checks."""
+    """Raises ValueError(msg) unless ``cond``: the launchers' argument checks. ``msg`` is a string or a
+    function returning one, called only on failure (the messages format shapes and strides: formatting them
+    on every launch costs more host time than the checks)."""
     if not cond:
-        raise ValueError(msg)
+        raise ValueError(msg() if callable(msg) else msg)
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (host code: ``triton.cdiv`` is a constexpr function with a per-call cost)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of 2 >= n, for n >= 1: ``triton.next_power_of_2`` on the host."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
 def _is_int(v):
@@ -99,10 +111,10 @@ def _check_float_input(name, t, dims: str, interpreted: bool):
     under the interpreter)."""
     import torch
 
-    _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    _check(t.dim() == len(dims.split(", ")), f"{name} must be {len(dims.split(', '))}-D [{dims}], got shape "
+    _check(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check(t.dim() == len(dims.split(", ")), lambda: f"{name} must be {len(dims.split(', '))}-D [{dims}], got shape "
            f"{tuple(t.shape)}")
     _check(t.dtype in (torch.float32, torch.float16, torch.bfloat16),
-           f"{name} dtype must be float32 / float16 / bfloat16, got {t.dtype}")
+           lambda: f"{name} dtype must be float32 / float16 / bfloat16, got {t.dtype}")
     _check(t.is_cuda or interpreted,
-           f"{name} must be a CUDA tensor (CPU tensors only under TRITON_INTERPRET=1), got {t.device}")
+           lambda: f"{name} must be a CUDA tensor (CPU tensors only under TRITON_INTERPRET=1), got {t.device}")

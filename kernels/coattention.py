@@ -100,7 +100,7 @@ import triton
 import triton.language as tl
 
 from ._tl_common import (_check, _check_float_input, _dot, _is_int, _philox4x32_10, _round_to, _store_rounded,
-                         aot_signature)
+                         aot_signature, cdiv, next_pow2)
 
 __all__ = ["co_attention_fwd", "co_attention_bwd", "AOT_SPECS", "block_config"]
 
@@ -535,7 +535,7 @@ def block_config(kind: str, element_size: int = 2, head_dim: int = 64, n_max: in
     memory under the Hopper limit (AOT_SPECS holds a subset; benchmarks/results/aot_sm90.txt lists their
     registers and shared memory); not tuned on a GPU. fp32 inputs with head dim > 128 have no
     configuration (their shared memory went over the limit)."""
-    bd = max(16, triton.next_power_of_2(max(int(head_dim), 1)))
+    bd = max(16, next_pow2(max(int(head_dim), 1)))
     f32 = element_size >= 4
     short = n_max is not None and n_max <= 128
     if f32 and bd > 128:
@@ -635,50 +635,52 @@ def _validate(tq, tk, tv, iq, ik, iv, t_len, i_len, t_mask, i_mask, scale, mask_
     import torch
 
     for name, t in (("tq", tq), ("tk", tk), ("tv", tv), ("iq", iq), ("ik", ik), ("iv", iv)):
-        _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        _check(t.dim() == 4, f"{name} must be 4-D [B, N, H, d], got shape {tuple(t.shape)}")
+        _check(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check(t.dim() == 4, lambda: f"{name} must be 4-D [B, N, H, d], got shape {tuple(t.shape)}")
     _check_float_input("tq", tq, "B, N, H, d", _INTERPRETED)
     B, Nt, H, d = tq.shape
     Nv = iq.shape[1]
-    _check(B >= 1 and Nt >= 1 and H >= 1 and d >= 1, f"tq must have B, Nt, H, d >= 1, got shape {tuple(tq.shape)}")
-    _check(Nv >= 1, f"iq must have Nv >= 1, got shape {tuple(iq.shape)}")
-    _check(d <= 256, f"tq: head dim d must be <= 256 for the Triton kernels, got {d}")
+    _check(B >= 1 and Nt >= 1 and H >= 1 and d >= 1,
+           lambda: f"tq must have B, Nt, H, d >= 1, got shape {tuple(tq.shape)}")
+    _check(Nv >= 1, lambda: f"iq must have Nv >= 1, got shape {tuple(iq.shape)}")
+    _check(d <= 256, lambda: f"tq: head dim d must be <= 256 for the Triton kernels, got {d}")
     _check(d <= 128 or tq.element_size() <= 2,
-           f"tq: head dim d must be <= 128 for float32 inputs in the Triton kernels, got {d}")
-    _check(B * H <= 65535, f"tq: B * H must be <= 65535 (grid axis 1), got {B} * {H}")
+           lambda: f"tq: head dim d must be <= 128 for float32 inputs in the Triton kernels, got {d}")
+    _check(B * H <= 65535, lambda: f"tq: B * H must be <= 65535 (grid axis 1), got {B} * {H}")
     for name, t, shape in (("tk", tk, (B, Nt, H, d)), ("tv", tv, (B, Nt, H, d)), ("iq", iq, (B, Nv, H, d)),
                            ("ik", ik, (B, Nv, H, d)), ("iv", iv, (B, Nv, H, d))):
-        _check(tuple(t.shape) == shape, f"{name} must have shape {shape} ([B, N, H, d] of tq / iq), got "
+        _check(tuple(t.shape) == shape, lambda: f"{name} must have shape {shape} ([B, N, H, d] of tq / iq), got "
                                         f"{tuple(t.shape)}")
-        _check(t.dtype == tq.dtype, f"{name} must have the dtype of tq ({tq.dtype}), got {t.dtype}")
-        _check(t.device == tq.device, f"{name} must be on {tq.device} (tq), got {t.device}")
+        _check(t.dtype == tq.dtype, lambda: f"{name} must have the dtype of tq ({tq.dtype}), got {t.dtype}")
+        _check(t.device == tq.device, lambda: f"{name} must be on {tq.device} (tq), got {t.device}")
     for name, t in (("tq", tq), ("tk", tk), ("tv", tv), ("iq", iq), ("ik", ik), ("iv", iv)):
-        _check(t.stride(-1) == 1 or d == 1, f"{name} must have stride(-1) == 1, got strides {t.stride()}")
-        _check(all(s >= 0 for s in t.stride()), f"{name} must have non-negative strides, got {t.stride()}")
-        n = t.shape[1]
-        extent = (n - 1) * t.stride(1) + (H - 1) * t.stride(2) + d
-        _check(extent < 2**31 and BLOCK_TOKEN_LIMIT * t.stride(1) < 2**31,
-               f"{name}: the elements of one batch entry must span < 2**31 (token / head strides {t.stride()})")
+        st = t.stride()
+        _check(st[3] == 1 or d == 1, lambda: f"{name} must have stride(-1) == 1, got strides {st}")
+        _check(min(st) >= 0, lambda: f"{name} must have non-negative strides, got {st}")
+        extent = (t.shape[1] - 1) * st[1] + (H - 1) * st[2] + d
+        _check(extent < 2**31 and BLOCK_TOKEN_LIMIT * st[1] < 2**31,
+               lambda: f"{name}: the elements of one batch entry must span < 2**31 (token / head strides {st})")
     for name, t, n in (("t_len", t_len, Nt), ("i_len", i_len, Nv)):
-        _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}")
         _check(t.dtype == torch.int32 and tuple(t.shape) == (B,),
-               f"{name} must be an int32 tensor of shape ({B},), got {t.dtype} {tuple(t.shape)}")
-        _check(t.device == tq.device, f"{name} must be on {tq.device} (tq), got {t.device}")
-        _check(t.is_contiguous(), f"{name} must be contiguous")
+               lambda: f"{name} must be an int32 tensor of shape ({B},), got {t.dtype} {tuple(t.shape)}")
+        _check(t.device == tq.device, lambda: f"{name} must be on {tq.device} (tq), got {t.device}")
+        _check(t.is_contiguous(), lambda: f"{name} must be contiguous")
     for name, t, n in (("t_mask", t_mask, Nt), ("i_mask", i_mask, Nv)):
         if t is None:
             continue
-        _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        _check(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
         _check(t.dtype == torch.bool and tuple(t.shape) == (B, n),
-               f"{name} must be a bool tensor of shape ({B}, {n}), got {t.dtype} {tuple(t.shape)}")
-        _check(t.device == tq.device, f"{name} must be on {tq.device} (tq), got {t.device}")
-        _check(t.is_contiguous(), f"{name} must be contiguous")
+               lambda: f"{name} must be a bool tensor of shape ({B}, {n}), got {t.dtype} {tuple(t.shape)}")
+        _check(t.device == tq.device, lambda: f"{name} must be on {tq.device} (tq), got {t.device}")
+        _check(t.is_contiguous(), lambda: f"{name} must be contiguous")
     _check(isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(float(scale)),
-           f"scale must be a finite float, got {scale!r}")
-    _check(_is_int(mask_mode) and mask_mode in (0, 1), f"mask_mode must be 0 (zero) or 1 (vilbert), got {mask_mode!r}")
+           lambda: f"scale must be a finite float, got {scale!r}")
+    _check(_is_int(mask_mode) and mask_mode in (0, 1),
+           lambda: f"mask_mode must be 0 (zero) or 1 (vilbert), got {mask_mode!r}")
     _check(isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, bool) and 0.0 <= float(dropout_p) < 1.0,
-           f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    _check(_is_int(seed) and 0 <= seed < 2**63, f"seed must be an int in [0, 2**63), got {seed!r}")
+           lambda: f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    _check(_is_int(seed) and 0 <= seed < 2**63, lambda: f"seed must be an int in [0, 2**63), got {seed!r}")
     return B, Nt, Nv, H, d
 
 
@@ -689,7 +691,13 @@ BLOCK_TOKEN_LIMIT = 128
 def _aligned(*tensors) -> bool:
     """Every base pointer 16-byte aligned and every stride (in elements) a multiple of 16: what Triton
     specialises on (and so what the compiled kernel can assume)."""
-    return all(t.data_ptr() % 16 == 0 and all(s % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
+    for t in tensors:
+        if t.data_ptr() % 16:
+            return False
+        for s in t.stride()[:-1]:
+            if s % 16:
+                return False
+    return True
 
 
 _KINDS = ("fwd", "bwd_dq", "bwd_dkdv")
@@ -701,20 +709,21 @@ def _cfg(kind, tq, d, n_max, dropout, aligned, blocks):
     "bwd_dkdv": {...}}; a kind not named keeps its defaults)."""
     cfg = block_config(kind, tq.element_size(), d, n_max, dropout, aligned)
     if blocks and any(k in _KINDS for k in blocks):
-        _check(all(k in _KINDS for k in blocks), f"blocks: mixes kernel kinds {_KINDS} with tile keys: {blocks!r}")
+        _check(all(k in _KINDS for k in blocks),
+               lambda: f"blocks: mixes kernel kinds {_KINDS} with tile keys: {blocks!r}")
         blocks = blocks.get(kind)
-        _check(blocks is None or isinstance(blocks, dict), f"blocks[{kind!r}] must be a dict, got {blocks!r}")
+        _check(blocks is None or isinstance(blocks, dict), lambda: f"blocks[{kind!r}] must be a dict, got {blocks!r}")
     for k, v in (blocks or {}).items():
         _check(k in ("BLOCK_M", "BLOCK_N", "CHUNK_D", "BLOCK_DO", "num_warps", "num_stages"),
-               f"blocks: unknown key {k!r}")
-        _check(_is_int(v) and v >= 1, f"blocks[{k!r}] must be an int >= 1, got {v!r}")
+               lambda: f"blocks: unknown key {k!r}")
+        _check(_is_int(v) and v >= 1, lambda: f"blocks[{k!r}] must be an int >= 1, got {v!r}")
         if k in cfg:
             cfg[k] = int(v)
     bd = cfg["BLOCK_D"]
     for k, hi in (("BLOCK_M", BLOCK_TOKEN_LIMIT), ("BLOCK_N", BLOCK_TOKEN_LIMIT), ("CHUNK_D", bd),
                   ("BLOCK_DO", bd)):
         v = cfg.get(k, 16)
-        _check(16 <= v <= hi and v & (v - 1) == 0, f"blocks[{k!r}] must be a power of 2 in [16, {hi}], got {v}")
+        _check(16 <= v <= hi and v & (v - 1) == 0, lambda: f"blocks[{k!r}] must be a power of 2 in [16, {hi}], got {v}")
     _check(cfg.get("BLOCK_DO", bd) == bd or cfg["CHUNK_D"] < bd,
            "blocks['BLOCK_DO'] < BLOCK_D needs blocks['CHUNK_D'] < BLOCK_D")
     return cfg
@@ -752,11 +761,12 @@ def _outputs(name, given, specs, device):
     if given is None:
         return [torch.empty(shape, dtype=dt, device=device) for _, shape, dt in specs]
     _check(isinstance(given, (tuple, list)) and len(given) == len(specs),
-           f"{name} must be a tuple of {len(specs)} tensors ({', '.join(n for n, _, _ in specs)}), got {given!r:.80}")
+           lambda: f"{name} must be a tuple of {len(specs)} tensors ({', '.join(n for n, _, _ in specs)}), "
+                   f"got {given!r:.80}")
     for t, (n, shape, dt) in zip(given, specs):
         _check(isinstance(t, torch.Tensor) and tuple(t.shape) == shape and t.dtype == dt and t.device == device
                and t.is_contiguous(),
-               f"{name}: {n} must be a contiguous {dt} tensor of shape {shape} on {device}, got "
+               lambda: f"{name}: {n} must be a contiguous {dt} tensor of shape {shape} on {device}, got "
                + (f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__))
     return list(given)
 
@@ -781,7 +791,7 @@ def co_attention_fwd(tq, tk, tv, iq, ik, iv, t_len, i_len, t_mask, i_mask, scale
         ("t_lse", (B, H, Nt), torch.float32), ("i_lse", (B, H, Nv), torch.float32)], dev)
     ptrs, strides, scalars, consts = _common_args(tq, tk, tv, iq, ik, iv, t_len, i_len, t_mask, i_mask, scale,
                                                   mask_mode, dropout_p, seed, d)
-    grid = (triton.cdiv(max(Nt, Nv), cfg["BLOCK_M"]), B * H, 2)
+    grid = (cdiv(max(Nt, Nv), cfg["BLOCK_M"]), B * H, 2)
     with torch.cuda.device(dev) if tq.is_cuda else contextlib.nullcontext():
         _co_attn_fwd_kernel[grid](*ptrs, t_out, i_out, t_lse, i_lse, *strides, H, Nt, Nv, *scalars,
                                   BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
@@ -797,11 +807,11 @@ def _validate_bwd(t_dout, i_dout, t_out, i_out, t_lse, i_lse, B, Nt, Nv, H, d, d
                                ("t_out", t_out, (B, Nt, H, d), dtype), ("i_out", i_out, (B, Nv, H, d), dtype),
                                ("t_lse", t_lse, (B, H, Nt), torch.float32),
                                ("i_lse", i_lse, (B, H, Nv), torch.float32)):
-        _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        _check(tuple(t.shape) == shape, f"{name} must have shape {shape}, got {tuple(t.shape)}")
-        _check(t.dtype == dt, f"{name} must have dtype {dt}, got {t.dtype}")
-        _check(t.device == device, f"{name} must be on {device} (tq), got {t.device}")
-        _check(t.is_contiguous(), f"{name} must be contiguous")
+        _check(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check(tuple(t.shape) == shape, lambda: f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        _check(t.dtype == dt, lambda: f"{name} must have dtype {dt}, got {t.dtype}")
+        _check(t.device == device, lambda: f"{name} must be on {device} (tq), got {t.device}")
+        _check(t.is_contiguous(), lambda: f"{name} must be contiguous")
 
 
 def co_attention_bwd(t_dout, i_dout, tq, tk, tv, iq, ik, iv, t_out, i_out, t_lse, i_lse, t_len, i_len, t_mask,
@@ -830,12 +840,12 @@ def co_attention_bwd(t_dout, i_dout, tq, tk, tv, iq, ik, iv, t_out, i_out, t_lse
     ptrs, strides, scalars, consts = _common_args(tq, tk, tv, iq, ik, iv, t_len, i_len, t_mask, i_mask, scale,
                                                   mask_mode, dropout_p, seed, d)
     with torch.cuda.device(dev) if tq.is_cuda else contextlib.nullcontext():
-        _co_attn_bwd_dq_kernel[(triton.cdiv(n_max, qcfg["BLOCK_M"]), B * H, 2)](
+        _co_attn_bwd_dq_kernel[(cdiv(n_max, qcfg["BLOCK_M"]), B * H, 2)](
             *ptrs, t_dout, i_dout, t_out, i_out, t_lse, i_lse, t_dl, i_dl, d_tq, d_iq, *strides, H, Nt, Nv, *scalars,
             BLOCK_D=qcfg["BLOCK_D"], BLOCK_M=qcfg["BLOCK_M"], BLOCK_N=qcfg["BLOCK_N"], CHUNK_D=qcfg["CHUNK_D"],
             num_warps=qcfg["num_warps"], num_stages=qcfg["num_stages"], **consts)
         n_do = kcfg["BLOCK_D"] // kcfg["BLOCK_DO"]
-        _co_attn_bwd_dkdv_kernel[(triton.cdiv(n_max, kcfg["BLOCK_N"]) * n_do, B * H, 2)](
+        _co_attn_bwd_dkdv_kernel[(cdiv(n_max, kcfg["BLOCK_N"]) * n_do, B * H, 2)](
             *ptrs, t_dout, i_dout, t_lse, i_lse, t_dl, i_dl, d_tk, d_tv, d_ik, d_iv, *strides, H, Nt, Nv, *scalars,
             BLOCK_D=kcfg["BLOCK_D"], BLOCK_M=kcfg["BLOCK_M"], BLOCK_N=kcfg["BLOCK_N"], CHUNK_D=kcfg["CHUNK_D"],
             BLOCK_DO=kcfg["BLOCK_DO"],

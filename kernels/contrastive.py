@@ -75,7 +75,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tl_common import _check, _dot, _round_to, _store_rounded, aot_signature
+from ._tl_common import _check, _dot, _round_to, _store_rounded, aot_signature, cdiv
 
 __all__ = ["contrastive_lse", "clip_bwd", "siglip_fwd", "siglip_bwd", "AOT_SPECS", "block_config", "default_method"]
 
@@ -382,20 +382,22 @@ def block_config(kind: str, element_size: int) -> dict:
 def _validate(a, b, scale, bias=None):
     import torch
 
-    _check(a.dim() == 2 and b.dim() == 2, f"a and b must be 2-D, got shapes {tuple(a.shape)}, {tuple(b.shape)}")
-    _check(a.shape[1] == b.shape[1], f"a [N, D] and b [M, D] must share D, got {tuple(a.shape)}, {tuple(b.shape)}")
+    _check(a.dim() == 2 and b.dim() == 2, lambda: f"a and b must be 2-D, got shapes {tuple(a.shape)}, {tuple(b.shape)}")
+    _check(a.shape[1] == b.shape[1],
+           lambda: f"a [N, D] and b [M, D] must share D, got {tuple(a.shape)}, {tuple(b.shape)}")
     _check(a.shape[0] >= 1 and b.shape[0] >= 1 and a.shape[1] >= 1,
-           f"a and b must be non-empty, got {tuple(a.shape)}, {tuple(b.shape)}")
-    _check(a.dtype == b.dtype, f"a and b must share a dtype, got {a.dtype}, {b.dtype}")
-    _check(a.dtype in (torch.float32, torch.float16, torch.bfloat16), f"a dtype must be fp32/fp16/bf16, got {a.dtype}")
-    _check(a.device == b.device, f"a and b must be on one device, got {a.device}, {b.device}")
+           lambda: f"a and b must be non-empty, got {tuple(a.shape)}, {tuple(b.shape)}")
+    _check(a.dtype == b.dtype, lambda: f"a and b must share a dtype, got {a.dtype}, {b.dtype}")
+    _check(a.dtype in (torch.float32, torch.float16, torch.bfloat16),
+           lambda: f"a dtype must be fp32/fp16/bf16, got {a.dtype}")
+    _check(a.device == b.device, lambda: f"a and b must be on one device, got {a.device}, {b.device}")
     _check(a.is_contiguous() and b.is_contiguous(), "a and b must be contiguous")
     for name, t in (("scale", scale), ("bias", bias)):
         if t is None:
             continue
         _check(t.dtype == torch.float32 and t.numel() == 1,
-               f"{name} must be a float32 tensor of shape [1], got {t.dtype} {tuple(t.shape)}")
-        _check(t.device == a.device, f"{name} must be on {a.device}, got {t.device}")
+               lambda: f"{name} must be a float32 tensor of shape [1], got {t.dtype} {tuple(t.shape)}")
+        _check(t.device == a.device, lambda: f"{name} must be on {a.device}, got {t.device}")
 
 
 def _cfg(kind, a, blocks):
@@ -408,8 +410,8 @@ def _cfg(kind, a, blocks):
 
 
 def _grid_args(cfg, NX, D=None):
-    grid = (triton.cdiv(NX, cfg["BLOCK_X"]),) if D is None else (
-        triton.cdiv(NX, cfg["BLOCK_X"]), triton.cdiv(D, cfg["BLOCK_DO"]))
+    grid = (cdiv(NX, cfg["BLOCK_X"]),) if D is None else (
+        cdiv(NX, cfg["BLOCK_X"]), cdiv(D, cfg["BLOCK_DO"]))
     opts = {k: cfg[k] for k in cfg if k.startswith("BLOCK")}
     if D is None:
         opts.pop("BLOCK_DO", None)
@@ -450,8 +452,8 @@ def clip_bwd(a, b, scale, row_lse, col_lse, coef_row, coef_col, row_center, col_
     for name, t, n in (("row_lse", row_lse, N), ("col_lse", col_lse, M), ("row_center", row_center, N),
                        ("col_center", col_center, M)):
         _check(t.dtype == torch.float32 and t.dim() == 1 and t.numel() == n and t.is_contiguous(),
-               f"{name} must be a contiguous float32 [{n}], got {t.dtype} {tuple(t.shape)}")
-        _check(t.device == a.device, f"{name} must be on {a.device}, got {t.device}")
+               lambda: f"{name} must be a contiguous float32 [{n}], got {t.dtype} {tuple(t.shape)}")
+        _check(t.device == a.device, lambda: f"{name} must be on {a.device}, got {t.device}")
     cr, cc = float(coef_row), float(coef_col)
     if _method(a, method) == "chunked":
         return _chunked_clip_bwd(a, b, scale, row_lse, col_lse, cr, cc, row_center, col_center, blocks)
@@ -530,7 +532,7 @@ def default_method(a) -> str:
 def _method(a, method):
     if method is None:
         return default_method(a)
-    _check(method in ("fused", "chunked"), f"method must be 'fused' or 'chunked', got {method!r}")
+    _check(method in ("fused", "chunked"), lambda: f"method must be 'fused' or 'chunked', got {method!r}")
     return method
 
 
@@ -572,7 +574,7 @@ def _dot_blocks(a):
 
 
 def _chunk_grid(R, M, blk):
-    return (triton.cdiv(R, blk["BLOCK_R"]), triton.cdiv(M, blk["BLOCK_M"]))
+    return (cdiv(R, blk["BLOCK_R"]), cdiv(M, blk["BLOCK_M"]))
 
 
 def _chunk_consts():
@@ -587,7 +589,7 @@ def _chunked_lse(a, b, scale, blocks):
     C = _chunk_rows(a, M, blocks, 4)
     f32 = dict(dtype=torch.float32, device=a.device)
     raw = torch.empty(C, M, **f32)
-    n_cb = triton.cdiv(M, _CHUNK_BLOCKS["BLOCK_M"])
+    n_cb = cdiv(M, _CHUNK_BLOCKS["BLOCK_M"])
     pm = torch.empty(n_cb, C, **f32)
     pl = torch.empty(n_cb, C, **f32)
     cm = torch.full((M,), float("-inf"), **f32)

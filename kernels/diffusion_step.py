@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ._tl_common import _check, _philox4x32_10
+from ._tl_common import _check, _philox4x32_10, cdiv
 
 __all__ = ["diffusion_step", "AOT_SPECS", "block_config"]
 
@@ -280,25 +280,25 @@ def diffusion_step(eps, uncond, sample, noise, timesteps, prev_table, alphas_cum
     a power of two >= 16."""
     import torch
 
-    _check(sample.dim() == 2, f"sample must be [B, N], got shape {tuple(sample.shape)}")
+    _check(sample.dim() == 2, lambda: f"sample must be [B, N], got shape {tuple(sample.shape)}")
     B, N = sample.shape
-    _check(B >= 1 and N >= 1, f"sample must be non-empty, got shape {tuple(sample.shape)}")
+    _check(B >= 1 and N >= 1, lambda: f"sample must be non-empty, got shape {tuple(sample.shape)}")
     dt = sample.dtype
     _check(dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64),
-           f"sample dtype must be fp16/bf16/fp32/fp64, got {dt}")
-    _check(mode in (0, 1), f"mode must be 0 (DDPM) or 1 (DDIM), got {mode!r}")
-    _check(prediction_type in (0, 1, 2), f"prediction_type must be 0, 1 or 2, got {prediction_type!r}")
-    _check(variance_type in (0, 1, 2, 3, 4), f"variance_type must be in 0..4, got {variance_type!r}")
-    _check(0 <= int(seed) < 2**63, f"seed must be in [0, 2**63), got {seed}")
-    _check(B <= 65535, f"batch size must be <= 65535, got {B}")
-    _check(N < 2**31 - 8192, f"a sample must have < 2**31 - 8192 elements, got {N}")
+           lambda: f"sample dtype must be fp16/bf16/fp32/fp64, got {dt}")
+    _check(mode in (0, 1), lambda: f"mode must be 0 (DDPM) or 1 (DDIM), got {mode!r}")
+    _check(prediction_type in (0, 1, 2), lambda: f"prediction_type must be 0, 1 or 2, got {prediction_type!r}")
+    _check(variance_type in (0, 1, 2, 3, 4), lambda: f"variance_type must be in 0..4, got {variance_type!r}")
+    _check(0 <= int(seed) < 2**63, lambda: f"seed must be in [0, 2**63), got {seed}")
+    _check(B <= 65535, lambda: f"batch size must be <= 65535, got {B}")
+    _check(N < 2**31 - 8192, lambda: f"a sample must have < 2**31 - 8192 elements, got {N}")
 
     def _row_tensor(name, x, widths):
         _check(x.dim() == 2 and x.shape[0] == B and x.shape[1] in widths,
-               f"{name} must be [B={B}, {' or '.join(map(str, widths))}], got shape {tuple(x.shape)}")
-        _check(x.dtype == dt, f"{name} must have dtype {dt} like sample, got {x.dtype}")
-        _check(x.device == sample.device, f"{name} must be on {sample.device}, got {x.device}")
-        _check(x.stride(1) == 1 or x.shape[1] == 1, f"{name} must have a unit inner stride")
+               lambda: f"{name} must be [B={B}, {' or '.join(map(str, widths))}], got shape {tuple(x.shape)}")
+        _check(x.dtype == dt, lambda: f"{name} must have dtype {dt} like sample, got {x.dtype}")
+        _check(x.device == sample.device, lambda: f"{name} must be on {sample.device}, got {x.device}")
+        _check(x.stride(1) == 1 or x.shape[1] == 1, lambda: f"{name} must have a unit inner stride")
 
     _row_tensor("eps", eps, (N, 2 * N))
     _check(sample.is_contiguous(), "sample must be contiguous")
@@ -311,19 +311,19 @@ def diffusion_step(eps, uncond, sample, noise, timesteps, prev_table, alphas_cum
         _check(out_x0.is_contiguous(), "out_x0 must be contiguous")
     learned = mode == 0 and variance_type in (3, 4)
     if learned:
-        _check(eps.shape[1] == 2 * N, f"variance_type {variance_type} (learned) needs eps of [B, 2N={2 * N}], "
+        _check(eps.shape[1] == 2 * N, lambda: f"variance_type {variance_type} (learned) needs eps of [B, 2N={2 * N}], "
                                       f"got {tuple(eps.shape)}")
     needs_noise = mode == 0 or eta > 0
     if needs_noise and noise is not None:
         _row_tensor("noise", noise, (N,))
         _check(noise.is_contiguous(), "noise must be contiguous")
     _check(timesteps.dim() == 1 and timesteps.numel() in (1, B),
-           f"timesteps must be [B={B}] or [1], got shape {tuple(timesteps.shape)}")
+           lambda: f"timesteps must be [B={B}] or [1], got shape {tuple(timesteps.shape)}")
     for name, s in (("x0_scale", x0_scale), ("eps_scale", eps_scale)):
         if s is not None:
-            _check(s.dim() == 1 and s.numel() == B, f"{name} must be [B={B}], got shape {tuple(s.shape)}")
+            _check(s.dim() == 1 and s.numel() == B, lambda: f"{name} must be [B={B}], got shape {tuple(s.shape)}")
             s_stride = s.stride(0)
-            _check(s_stride == 1 or B == 1, f"{name} must be contiguous")
+            _check(s_stride == 1 or B == 1, lambda: f"{name} must be contiguous")
 
     noise_mode = 0 if not needs_noise else (1 if noise is not None else 2)
     guided = uncond is not None
@@ -335,9 +335,9 @@ def diffusion_step(eps, uncond, sample, noise, timesteps, prev_table, alphas_cum
     shift4 = noise_mode == 2 and N % 4 != 0
     BLOCK, num_warps = block_config(sample.element_size())
     if block is not None:
-        _check(block >= 16 and block & (block - 1) == 0, f"block must be a power of two >= 16, got {block}")
+        _check(block >= 16 and block & (block - 1) == 0, lambda: f"block must be a power of two >= 16, got {block}")
         BLOCK = int(block)
-    grid = (triton.cdiv(N + (3 if shift4 else 0), BLOCK), B)
+    grid = (cdiv(N + (3 if shift4 else 0), BLOCK), B)
     _diffusion_step_kernel[grid](
         eps, uncond if guided else sample, sample, noise if noise_mode == 1 else sample,
         out_prev, out_x0 if out_x0 is not None else out_prev,

@@ -104,7 +104,8 @@ import numbers
 import triton
 import triton.language as tl
 
-from ._tl_common import _check, _check_float_input, _dot, _is_int, _round_to, _store_rounded, aot_signature
+from ._tl_common import (_check, _check_float_input, _dot, _is_int, _round_to, _store_rounded, aot_signature, cdiv,
+                         next_pow2)
 
 __all__ = ["patch_embed_fwd", "patch_embed_bwd", "AOT_SPECS", "block_config"]
 
@@ -442,7 +443,7 @@ def block_config(kind: str, element_size: int = 2, D: int | None = None) -> dict
     if kind == "norm":
         if D is None:
             raise ValueError("block_config('norm') needs D")
-        bd = triton.next_power_of_2(max(int(D), 1))
+        bd = next_pow2(max(int(D), 1))
         rows = max(1, min(16, 4096 // bd))
         return dict(BLOCK_D=bd, ROWS=rows, num_warps=8 if bd >= 2048 else 4, num_stages=1)
     raise ValueError(f"unknown kernel kind {kind!r}")
@@ -455,16 +456,18 @@ def _validate(images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_
 
     _check_float_input("images", images, "B, C, H, W", _INTERPRETED)
     B, C, H, W = images.shape
-    _check(C >= 1 and H >= 1 and W >= 1, f"images must have C, H, W >= 1, got shape {tuple(images.shape)}")
-    _check(_is_int(patch_size) and patch_size >= 1, f"patch_size must be an int >= 1, got {patch_size!r}")
-    _check(_is_int(prefix_tokens) and prefix_tokens >= 0, f"prefix_tokens must be an int >= 0, got {prefix_tokens!r}")
+    _check(C >= 1 and H >= 1 and W >= 1, lambda: f"images must have C, H, W >= 1, got shape {tuple(images.shape)}")
+    _check(_is_int(patch_size) and patch_size >= 1, lambda: f"patch_size must be an int >= 1, got {patch_size!r}")
+    _check(_is_int(prefix_tokens) and prefix_tokens >= 0,
+           lambda: f"prefix_tokens must be an int >= 0, got {prefix_tokens!r}")
     P, R0 = int(patch_size), int(prefix_tokens)
     K = C * P * P
-    _check(isinstance(weight, torch.Tensor), f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    _check(isinstance(weight, torch.Tensor), lambda: f"weight must be a torch.Tensor, got {type(weight).__name__}")
     _check(weight.dim() == 2 and weight.shape[1] == K and weight.shape[0] >= 1,
-           f"weight must be [D, K] with K = C * P * P = {C} * {P} * {P} = {K}, got shape {tuple(weight.shape)}")
-    _check(weight.dtype == images.dtype, f"weight must have the dtype of images ({images.dtype}), got {weight.dtype}")
-    _check(weight.device == images.device, f"weight must be on {images.device} (images), got {weight.device}")
+           lambda: f"weight must be [D, K] with K = C * P * P = {C} * {P} * {P} = {K}, got shape {tuple(weight.shape)}")
+    _check(weight.dtype == images.dtype,
+           lambda: f"weight must have the dtype of images ({images.dtype}), got {weight.dtype}")
+    _check(weight.device == images.device, lambda: f"weight must be on {images.device} (images), got {weight.device}")
     _check(weight.is_contiguous(), "weight must be contiguous")
     D = weight.shape[0]
     Gh, Gw = -(-H // P), -(-W // P)
@@ -472,23 +475,23 @@ def _validate(images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_
                            ("pn_bias", pn_bias, (D,)), ("ln_weight", ln_weight, (D,)), ("ln_bias", ln_bias, (D,))):
         if t is None:
             continue
-        _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        _check(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
         _check(tuple(t.shape) == shape,
-               f"{name} must have shape {shape} (D = weight.shape[0] = {D}, Gh x Gw = {Gh} x {Gw}), "
+               lambda: f"{name} must have shape {shape} (D = weight.shape[0] = {D}, Gh x Gw = {Gh} x {Gw}), "
                f"got {tuple(t.shape)}")
-        _check(t.dtype == torch.float32, f"{name} must be float32 (the compute dtype), got {t.dtype}")
-        _check(t.device == images.device, f"{name} must be on {images.device} (images), got {t.device}")
-        _check(t.is_contiguous(), f"{name} must be contiguous")
+        _check(t.dtype == torch.float32, lambda: f"{name} must be float32 (the compute dtype), got {t.dtype}")
+        _check(t.device == images.device, lambda: f"{name} must be on {images.device} (images), got {t.device}")
+        _check(t.is_contiguous(), lambda: f"{name} must be contiguous")
     for name, v in (("use_pn", use_pn), ("use_ln", use_ln)):
-        _check(isinstance(v, bool), f"{name} must be a bool, got {type(v).__name__}")
+        _check(isinstance(v, bool), lambda: f"{name} must be a bool, got {type(v).__name__}")
     for name, v in (("pn_eps", pn_eps), ("ln_eps", ln_eps)):
         _check(isinstance(v, numbers.Real) and not isinstance(v, bool) and float(v) >= 0.0 and v == v,
-               f"{name} must be a float >= 0, got {v!r}")
+               lambda: f"{name} must be a float >= 0, got {v!r}")
     if out is not None:
         shape = (B, R0 + Gh * Gw, D)
         _check(isinstance(out, torch.Tensor) and tuple(out.shape) == shape and out.dtype == images.dtype
                and out.device == images.device and out.is_contiguous(),
-               f"out must be a contiguous {images.dtype} tensor of shape {shape} on {images.device}, got "
+               lambda: f"out must be a contiguous {images.dtype} tensor of shape {shape} on {images.device}, got "
                + (f"{out.dtype} {tuple(out.shape)} on {out.device}" if isinstance(out, torch.Tensor)
                   else type(out).__name__))
     return B, C, H, W, D, K, P, R0, Gh, Gw
@@ -502,7 +505,7 @@ def _check_x0(name, x0, images, M, D):
         return
     _check(isinstance(x0, torch.Tensor) and tuple(x0.shape) == (M, D) and x0.dtype == torch.float32
            and x0.device == images.device and x0.is_contiguous(),
-           f"{name} must be None or a contiguous float32 tensor of shape {(M, D)} ([B * Gh * Gw, D]) on "
+           lambda: f"{name} must be None or a contiguous float32 tensor of shape {(M, D)} ([B * Gh * Gw, D]) on "
            f"{images.device}, got " + (f"{x0.dtype} {tuple(x0.shape)} on {x0.device}"
                                       + ("" if x0.is_contiguous() else ", not contiguous")
                                       if isinstance(x0, torch.Tensor) else type(x0).__name__))
@@ -515,7 +518,7 @@ def _cfg(kind, element_size, D, blocks):
             if k in cfg:
                 cfg[k] = int(v)
                 _check(not (k.startswith("BLOCK") or k == "ROWS") or (cfg[k] >= 1 and cfg[k] & (cfg[k] - 1) == 0),
-                       f"blocks[{k!r}] must be a power of 2, got {v!r}")
+                       lambda: f"blocks[{k!r}] must be a power of 2, got {v!r}")
     return cfg
 
 
@@ -556,7 +559,7 @@ def patch_embed_fwd(images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_p
     s_b, s_c, s_h, s_w = images.stride()
 
     with torch.cuda.device(images.device) if images.is_cuda else contextlib.nullcontext():
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]),)
+        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(D, cfg["BLOCK_N"]),)
         _patch_gemm_kernel[grid](
             images, weight, opt(bias), opt(pos), stage,
             M, D, C, H, W, NP, Gw, s_b, s_c, s_h, s_w, XT, XR0,
@@ -564,7 +567,7 @@ def patch_embed_fwd(images, weight, bias, pos, pn_weight, pn_bias, pn_eps, use_p
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], F32_DOT=_INTERPRETED,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         if two_pass:
-            _patch_norm_kernel[(triton.cdiv(M, ncfg["ROWS"]),)](
+            _patch_norm_kernel[(cdiv(M, ncfg["ROWS"]),)](
                 stage, opt(pos), opt(pn_weight), opt(pn_bias), opt(ln_weight), opt(ln_bias), out,
                 M, D, NP, XT, XR0, T, R0, float(pn_eps), float(ln_eps),
                 USE_PN=use_pn, PN_W=pn_weight is not None, PN_B=pn_bias is not None, HAS_POS=pos is not None,
@@ -582,13 +585,14 @@ def _validate_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps, u
                      use_ln, patch_size, prefix_tokens, None)
     B, C, H, W, D, K, P, R0, Gh, Gw = dims
     shape = (B, R0 + Gh * Gw, D)
-    _check(isinstance(grad, torch.Tensor), f"grad must be a torch.Tensor, got {type(grad).__name__}")
-    _check(tuple(grad.shape) == shape, f"grad must have shape {shape} ([B, R0 + Gh * Gw, D]), got {tuple(grad.shape)}")
+    _check(isinstance(grad, torch.Tensor), lambda: f"grad must be a torch.Tensor, got {type(grad).__name__}")
+    _check(tuple(grad.shape) == shape,
+           lambda: f"grad must have shape {shape} ([B, R0 + Gh * Gw, D]), got {tuple(grad.shape)}")
     _check(grad.dtype in (images.dtype, torch.float32),
-           f"grad must have the dtype of images ({images.dtype}) or float32, got {grad.dtype}")
-    _check(grad.device == images.device, f"grad must be on {images.device} (images), got {grad.device}")
+           lambda: f"grad must have the dtype of images ({images.dtype}) or float32, got {grad.dtype}")
+    _check(grad.device == images.device, lambda: f"grad must be on {images.device} (images), got {grad.device}")
     _check(grad.is_contiguous(), "grad must be contiguous")
-    _check(isinstance(need_images, bool), f"need_images must be a bool, got {type(need_images).__name__}")
+    _check(isinstance(need_images, bool), lambda: f"need_images must be a bool, got {type(need_images).__name__}")
     return dims
 
 
@@ -633,24 +637,24 @@ def patch_embed_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps,
     s_b, s_c, s_h, s_w = images.stride()
     PAD = H % P != 0 or W % P != 0
     # row kernel grid: (patch-row blocks, image chunks); about 1024 programs, images in order within each
-    n_prog_n = triton.cdiv(NP, ncfg["ROWS"])
+    n_prog_n = cdiv(NP, ncfg["ROWS"])
     if bchunk is None:
-        bchunk = triton.cdiv(B, max(1, min(B, triton.cdiv(1024, n_prog_n))))
-    _check(_is_int(bchunk) and bchunk >= 1, f"blocks['BCHUNK'] must be an int >= 1, got {bchunk!r}")
-    n_prog_b = triton.cdiv(B, bchunk)
+        bchunk = cdiv(B, max(1, min(B, cdiv(1024, n_prog_n))))
+    _check(_is_int(bchunk) and bchunk >= 1, lambda: f"blocks['BCHUNK'] must be an int >= 1, got {bchunk!r}")
+    n_prog_b = cdiv(B, bchunk)
     nprog = n_prog_n * n_prog_b
     part = torch.empty(5, nprog, D, **f32)
     opt = lambda t: part if t is None else t  # noqa: E731 - an fp32 stand-in for an absent pointer (never read)
     dpos_part = torch.empty(n_prog_b, NP, D, **f32) if pos is not None else None
     # d_weight splits over the token rows: about 264 programs (2 per H100 / H200 SM)
     bm = wcfg["BLOCK_M"]
-    m_blocks = triton.cdiv(M, bm)
+    m_blocks = cdiv(M, bm)
     if split_m is None:
-        tiles = triton.cdiv(D, wcfg["BLOCK_N"]) * triton.cdiv(K, wcfg["BLOCK_K"])
-        split_m = triton.cdiv(m_blocks, max(1, min(m_blocks, triton.cdiv(264, tiles)))) * bm
+        tiles = cdiv(D, wcfg["BLOCK_N"]) * cdiv(K, wcfg["BLOCK_K"])
+        split_m = cdiv(m_blocks, max(1, min(m_blocks, cdiv(264, tiles)))) * bm
     _check(_is_int(split_m) and split_m >= bm and split_m % bm == 0,
-           f"blocks['SPLIT_M'] must be a multiple of BLOCK_M = {bm}, got {split_m!r}")
-    n_split = triton.cdiv(M, split_m)
+           lambda: f"blocks['SPLIT_M'] must be a multiple of BLOCK_M = {bm}, got {split_m!r}")
+    n_split = cdiv(M, split_m)
     dw_part = torch.empty(n_split, D, K, **f32)
     d_images = torch.empty(B, C, H, W, **f32) if need_images else None
     kw = lambda c: dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],  # noqa: E731
@@ -658,7 +662,7 @@ def patch_embed_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps,
 
     with torch.cuda.device(dev) if images.is_cuda else contextlib.nullcontext():
         if norm and x0 is None:  # x0 = W p + bias, fp32, recomputed
-            _patch_gemm_kernel[(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]),)](
+            _patch_gemm_kernel[(cdiv(M, cfg["BLOCK_M"]) * cdiv(D, cfg["BLOCK_N"]),)](
                 images, weight, opt(bias), x0_in, x0_in,
                 M, D, C, H, W, NP, Gw, s_b, s_c, s_h, s_w, NP, 0,
                 P=P, PAD=PAD, HAS_BIAS=bias is not None, ADD_POS=False, **kw(cfg))
@@ -670,10 +674,10 @@ def patch_embed_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps,
             USE_LN=use_ln, LN_W=ln_weight is not None, LN_B=ln_bias is not None,
             ROWS=ncfg["ROWS"], BLOCK_D=ncfg["BLOCK_D"], F32_DOT=_INTERPRETED, num_warps=ncfg["num_warps"],
             num_stages=ncfg["num_stages"])
-        _patch_dweight_kernel[(triton.cdiv(D, wcfg["BLOCK_N"]) * triton.cdiv(K, wcfg["BLOCK_K"]), n_split)](
+        _patch_dweight_kernel[(cdiv(D, wcfg["BLOCK_N"]) * cdiv(K, wcfg["BLOCK_K"]), n_split)](
             images, g0, dw_part, M, D, C, H, W, NP, Gw, s_b, s_c, s_h, s_w, split_m, P=P, PAD=PAD, **kw(wcfg))
         if need_images:
-            _patch_dimages_kernel[(triton.cdiv(M, icfg["BLOCK_M"]) * triton.cdiv(K, icfg["BLOCK_K"]),)](
+            _patch_dimages_kernel[(cdiv(M, icfg["BLOCK_M"]) * cdiv(K, icfg["BLOCK_K"]),)](
                 g0, weight, d_images, M, D, C, H, W, NP, Gw, P=P, PAD=PAD, **kw(icfg))
     # the partial sums, added in a fixed order (torch's reductions are deterministic)
     d_weight = dw_part[0] if n_split == 1 else dw_part.sum(0)
