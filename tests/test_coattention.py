@@ -289,6 +289,8 @@ def test_bad_input_errors():
         (lambda: ca(*ts, image_lengths=torch.tensor([2**33, 1])), ValueError, "image_lengths must be in"),
         (lambda: ca(*ts, text_lengths=torch.tensor([1.0, 2.0])), TypeError, "text_lengths must be an integer"),
         (lambda: ca(*ts, text_lengths=torch.tensor([1, 2, 3])), ValueError, r"text_lengths must have shape \[B\]"),
+        (lambda: ca(*ts, text_lengths=torch.tensor([1, 2], device="meta")), ValueError,
+         "text_lengths is on meta but the inputs are on cpu; put them on the inputs' device or on the CPU"),
         (lambda: ca(*ts, image_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError, "image_mask must have shape"),
         (lambda: ca(*ts, text_mask=torch.ones(2, 1, 1, 5, dtype=torch.bool)), ValueError, "text_mask must have shape"),
         (lambda: ca(*ts, text_mask=torch.ones(2, 5)), TypeError, "text_mask must be a bool"),
@@ -308,6 +310,48 @@ def test_bad_input_errors():
             fn()
     before = [t.clone() for t in ts]
     assert all(torch.equal(a, b) for a, b in zip(before, ts))
+
+
+def test_lengths_on_the_host():
+    """Lengths may be on the CPU whatever the inputs' device (checked on the host, no device sync): the
+    argument check accepts them for inputs elsewhere and range-checks them in place."""
+    ts = _inputs(2, 5, 7, 2, 8)
+    meta = [t.to("meta") for t in ts]
+    a = ref.check_args(meta, text_lengths=torch.tensor([5, 0]), image_lengths=torch.tensor([3, 7], dtype=torch.int64))
+    assert a.t_len.device.type == "cpu" and a.t_len.dtype == torch.int32 and a.t_len.tolist() == [5, 0]
+    ref.check_lengths_range(a.t_len, a.i_len, 5, 7)
+    with pytest.raises(ValueError, match=r"image_lengths must be in \[0, 6\] .*, got \[3, 7\]"):
+        ref.check_lengths_range(a.t_len, a.i_len, 5, 6)
+    with pytest.raises(ValueError, match=r"text_lengths must be in \[0, 5\] .*, got \[-1, 0\]"):
+        ref.check_lengths_range(torch.tensor([-1, 0], dtype=torch.int32), None, 5, 7)
+
+
+@pytest.mark.parametrize("pad", ["lengths", "mask"])
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id == "triton-cuda"])
+def test_cuda_call_does_not_synchronise(backend, device, pad):
+    """On CUDA, forward + backward with lengths on the host (or boolean masks on the device) queue without a
+    host-device synchronisation (torch's sync debug mode turns one into an error), and equal the call with
+    lengths on the device, which synchronises once to range-check them."""
+    _require(backend, device)
+    B, Nt, Nv, H, d = 3, 20, 37, 2, 64
+    ts = _inputs(B, Nt, Nv, H, d, seed=11, device=device, dtype=torch.bfloat16)
+    host_kw = _kw(_padding(pad, B, Nt, 1), _padding(pad, B, Nv, 2))  # lengths on the host (masks: moved below)
+    dev_kw = {k: v.to(device) for k, v in host_kw.items()}
+    kw = host_kw if pad == "lengths" else dev_kw
+    g_out = _grads_out(B, Nt, Nv, H, d, device=device)
+    with vlops.use_backend(backend):
+        want = _run(vlops.co_attention, ts, g_out, **dev_kw)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = _run(vlops.co_attention, ts, g_out, **kw)
+            if pad == "lengths":
+                with pytest.raises(RuntimeError, match="synchroniz"):  # proves the debug mode sees a sync
+                    _run(vlops.co_attention, ts, g_out, **dev_kw)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    for a, b in zip([*got[0], *got[1]], [*want[0], *want[1]]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -452,8 +496,15 @@ def test_nn_mask_forms_and_shared_weights():
         assert torch.equal(out[0], base[0]) and torch.equal(out[1], base[1])
     from vlops.nn.coattention import key_padding
 
-    assert set(key_padding(ref.extended_attention_mask(keep1), 2, 9, "m")) == {"lengths"}
+    got = key_padding(ref.extended_attention_mask(keep1), 2, 9, "m")  # CPU mask: converted by default
+    assert set(got) == {"lengths"} and got["lengths"].tolist() == [9, 5] and got["lengths"].device.type == "cpu"
+    assert set(key_padding(ref.extended_attention_mask(keep1), 2, 9, "m", to_lengths=False)) == {"mask"}
+    assert set(key_padding(ref.extended_attention_mask(keep2), 2, 6, "m", to_lengths=True)) == {"mask"}
     assert set(key_padding(ref.extended_attention_mask(keep2), 2, 6, "m")) == {"mask"}
+    m_masks = _randomize(vlops.nn.CoAttention(cfg, mask_to_lengths=False)).eval()
+    out = m_masks(x1, ref.extended_attention_mask(keep1), x2, ref.extended_attention_mask(keep2))
+    assert torch.allclose(out[0], base[0], rtol=1e-6, atol=1e-6) and torch.allclose(out[1], base[1], rtol=1e-6,
+                                                                                    atol=1e-6)
     assert key_padding(None, 2, 6, "m") == {}
     with pytest.raises(ValueError, match="attention_mask1"):
         m(x1, torch.zeros(2, 1, 9, 9), x2, None)

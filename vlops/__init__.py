@@ -46,7 +46,8 @@ def co_attention(text_q, text_k, text_v, image_q, image_k, image_v, *, text_leng
             un-permuted output of a projection); a tensor whose last dim is strided is copied first. Not
             modified. Every one of them gets a gradient when it requires one.
         text_lengths, image_lengths: integer [B] tensors in [0, N]: right padding (key ``j`` is valid iff
-            ``j < lengths[b]``), the fast path. text_mask, image_mask: bool [B, N] (True = keep; integer
+            ``j < lengths[b]``), the fast path. On the inputs' device or on the CPU (for GPU inputs the
+            cheaper form: see below). text_mask, image_mask: bool [B, N] (True = keep; integer
             0 / 1 tensors are read as ``!= 0``), any padding pattern. At most one of the two per stream;
             none: every key is valid.
         scale: the softmax scale, default ``1 / sqrt(d)``.
@@ -64,11 +65,13 @@ def co_attention(text_q, text_k, text_v, image_q, image_k, image_v, *, text_leng
         ``(text_context [B, Nt, H, d], image_context [B, Nv, H, d])``, contiguous, in the input dtype
         (fp32 accumulation; float64 for float64).
 
-    Lengths are range-checked on the host (one device synchronisation on CUDA when lengths are given).
+    Lengths are range-checked before any kernel runs: lengths on the CPU on the host, with no device
+    synchronisation (they are then copied to the device without blocking); lengths on a GPU with one
+    synchronisation per call, which stops the host from queueing work ahead of the GPU.
     Under ``torch.compile`` a seed drawn for ``seed=None`` comes from the compiled program's random stream:
     a fresh one per call and reproducible with ``torch.manual_seed``, but not the value eager mode draws.
     """
-    from .ops.coattention import co_attention_op
+    from .ops.coattention import co_attention as co_attention_call
     from .reference.coattention import check_args
 
     ts = (text_q, text_k, text_v, image_q, image_k, image_v)
@@ -80,8 +83,8 @@ def co_attention(text_q, text_k, text_v, image_q, image_k, image_v, *, text_leng
         seed = 0
     elif seed is None:
         seed = int(_torch.randint(0, 2**63 - 1, (1,), dtype=_torch.int64).item())
-    t_out, i_out, _, _ = co_attention_op(*ts, a.t_len, a.i_len, a.t_mask, a.i_mask, a.scale, a.mode, a.dropout_p,
-                                         seed)
+    t_out, i_out, _, _ = co_attention_call(*ts, a.t_len, a.i_len, a.t_mask, a.i_mask, a.scale, a.mode, a.dropout_p,
+                                           seed)
     return t_out, i_out
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .ops.patch_embed import patch_embed_op
+from .ops.patch_embed import patch_embed as _patch_embed_call
 from .reference.patch_embed import check_args
 
 __all__ = ["patch_embed"]
@@ -64,6 +64,6 @@ def patch_embed(images, weight, bias=None, *, cls_token=None, reg_tokens=None, p
     # the prefix rows' gradient needs no kernel)
     save_x0 = (use_pn or use_ln) and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (images, weight, a.bias, pos, pn_w, pn_b, ln_w, ln_b))
-    out, _ = patch_embed_op(images, weight, a.bias, prefix, pos, pn_w, pn_b, float(pn_eps), use_pn, ln_w, ln_b,
-                            float(ln_eps), use_ln, save_x0)
+    out, _ = _patch_embed_call(images, weight, a.bias, prefix, pos, pn_w, pn_b, float(pn_eps), use_pn, ln_w, ln_b,
+                               float(ln_eps), use_ln, save_x0)
     return out

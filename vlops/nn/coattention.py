@@ -7,6 +7,8 @@ The eager math they replace, with the same names, is :mod:`vlops.reference.coatt
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,16 +36,18 @@ def _act(act):
     return _ACT[act]
 
 
-def key_padding(mask, B: int, N: int, name: str, to_lengths: bool = True) -> dict:
-    """A ViLBERT-style key mask -> ``{"lengths": int32 [B]}`` (right padding, when ``to_lengths``) or
+def key_padding(mask, B: int, N: int, name: str, to_lengths: Optional[bool] = None) -> dict:
+    """A ViLBERT-style key mask -> ``{"lengths": int32 [B]}`` on the CPU (right padding, when converted) or
     ``{"mask": bool [B, N]}`` or ``{}`` (None).
 
     Accepted: [B, 1, 1, N] (the extended mask ViLBERT passes), [B, 1, N] or [B, N], batch 1 broadcast.
     Floating masks are additive (ViLBERT's ``(1 - m) * -10000``, or any large negative such as
     ``finfo.min``): a value > -1 keeps the key, <= -1 masks it (other additive biases cannot be expressed as
     key padding). Bool masks: True keeps; integer masks: nonzero keeps (the raw 0 / 1 ``attention_mask``).
-    Detecting right padding reads the mask on the host (one synchronisation on CUDA); under
-    ``torch.compile`` the mask is passed as it is.
+    ``to_lengths``: None (default) converts right-padded masks that are on the CPU, where detecting the
+    padding reads no device memory, and passes masks on a GPU as they are (no synchronisation); True also
+    converts GPU masks (one copy of the mask to the host per call, which waits for the GPU); False never
+    converts. Under ``torch.compile`` the mask is passed as it is.
     """
     if mask is None:
         return {}
@@ -65,9 +69,11 @@ def key_padding(mask, B: int, N: int, name: str, to_lengths: bool = True) -> dic
         keep = m > -1.0
     else:
         keep = m != 0
-    if to_lengths and not torch.compiler.is_compiling():
-        lengths = keep.sum(1, dtype=torch.int32)
-        if torch.equal(keep, torch.arange(N, device=keep.device)[None, :] < lengths[:, None]):
+    convert = keep.device.type == "cpu" if to_lengths is None else to_lengths
+    if convert and not torch.compiler.is_compiling():
+        host = keep.cpu()  # a no-op for a CPU mask; the lengths stay on the host (checked there, no sync)
+        lengths = host.sum(1, dtype=torch.int32)
+        if torch.equal(host, torch.arange(N)[None, :] < lengths[:, None]):
             return {"lengths": lengths}
     return {"mask": keep.contiguous()}
 
@@ -101,8 +107,10 @@ class CoAttention(nn.Module):
         shared_weights: LXMERT's cross-attention: one attention module used in both directions, parameters
             ``query``, ``key``, ``value`` (LXMERT ``BertAttention`` names, ``hidden_size`` -> ``bi_hidden_size``;
             needs ``v_hidden_size == hidden_size``) and one ``dropout`` (``attention_probs_dropout_prob``).
-        mask_to_lengths: pass right-padded masks to the op as lengths (its fast path; one host read of the
-            mask per call on CUDA). False passes them as masks.
+        mask_to_lengths: pass right-padded masks to the op as lengths (its fast path, which skips key tiles
+            past the lengths). None (default): for masks on the CPU, where detecting the padding is free;
+            masks on a GPU go to the op as masks, with no synchronisation. True: on a GPU too (one copy of
+            each mask to the host per call, which waits for the GPU). False: never.
 
     Dropout of the attention probabilities uses the op's counter-based mask seeded from torch's default
     generator (``torch.manual_seed`` makes training reproducible), not ``nn.Dropout``'s mask. When the two
@@ -110,7 +118,7 @@ class CoAttention(nn.Module):
     """
 
     def __init__(self, config=None, *, exact_vilbert: bool = False, shared_weights: bool = False,
-                 mask_to_lengths: bool = True, **overrides):
+                 mask_to_lengths: Optional[bool] = None, **overrides):
         super().__init__()
         cfg = _config(config, overrides)
         bi, heads = cfg("bi_hidden_size"), cfg("bi_num_attention_heads")
@@ -121,7 +129,7 @@ class CoAttention(nn.Module):
         self.all_head_size = bi
         self.exact_vilbert = bool(exact_vilbert)
         self.shared_weights = bool(shared_weights)
-        self.mask_to_lengths = bool(mask_to_lengths)
+        self.mask_to_lengths = None if mask_to_lengths is None else bool(mask_to_lengths)
         vh, th = cfg("v_hidden_size"), cfg("hidden_size")
         if self.shared_weights:
             if vh != th:
@@ -211,7 +219,7 @@ class CoAttentionBlock(nn.Module):
     """
 
     def __init__(self, config=None, *, exact_vilbert: bool = False, shared_weights: bool = False,
-                 mask_to_lengths: bool = True, **overrides):
+                 mask_to_lengths: Optional[bool] = None, **overrides):
         super().__init__()
         cfg = _config(config, overrides)
         self.biattention = CoAttention(config, exact_vilbert=exact_vilbert, shared_weights=shared_weights,

@@ -90,6 +90,7 @@ from typing import Optional
 import torch
 
 from .. import _backends
+from . import eager_autograd
 from ..reference.coattention import check_lengths_range, dropout_keep
 
 OP = "co_attention"
@@ -217,9 +218,10 @@ def _lastdim(t: torch.Tensor) -> torch.Tensor:
 
 
 def _len_or_full(length: Optional[torch.Tensor], B: int, N: int, device) -> torch.Tensor:
+    """int32 [B] lengths on ``device`` (lengths on the CPU are copied without blocking the host)."""
     if length is None:
         return torch.full((B,), N, dtype=torch.int32, device=device)
-    return length.to(torch.int32).contiguous()
+    return length.to(device, torch.int32, non_blocking=True).contiguous()
 
 
 def _mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -233,7 +235,8 @@ def co_attention_op(tq: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor, iq: to
                     dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(t_out [B, Nt, H, d], i_out [B, Nv, H, d], t_lse [B, H, Nt], i_lse [B, H, Nv]): the forward contract of
     the module docstring. ``t_len`` / ``i_len`` None: no length limit (N); given ones are range-checked here
-    (ValueError naming ``text_lengths`` / ``image_lengths``) before any kernel runs."""
+    (ValueError naming ``text_lengths`` / ``image_lengths``) before any kernel runs: on the host with no device
+    synchronisation when they are on the CPU (they may be, whatever the inputs' device), else with one."""
     B, Nt, H, d = tq.shape
     Nv = iq.shape[1]
     check_lengths_range(t_len, i_len, Nt, Nv)
@@ -301,3 +304,4 @@ def _backward(ctx, g_t, g_i, _g_tlse, _g_ilse):
 
 
 co_attention_op.register_autograd(_backward, setup_context=_setup)
+co_attention = eager_autograd(co_attention_op, _setup, _backward)  # what vlops.co_attention calls

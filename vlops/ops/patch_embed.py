@@ -94,6 +94,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backends
+from . import eager_autograd
 
 OP = "patch_embed"
 
@@ -370,3 +371,4 @@ def _backward(ctx, grad, _grad_x0):
 
 
 patch_embed_op.register_autograd(_backward, setup_context=_setup)
+patch_embed = eager_autograd(patch_embed_op, _setup, _backward)  # what vlops.patch_embed calls

@@ -92,8 +92,9 @@ def _lengths(x, name: str, B: int, N: int, device) -> Optional[torch.Tensor]:
         raise TypeError(f"{name} must be an integer tensor (int32 / int64 / ...), got {x.dtype}")
     if tuple(x.shape) != (B,):
         raise ValueError(f"{name} must have shape [B] = [{B}], got {tuple(x.shape)}")
-    if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but the inputs are on {device}; put them on one device")
+    if x.device != device and x.device.type != "cpu":
+        raise ValueError(f"{name} is on {x.device} but the inputs are on {device}; put them on the inputs' device "
+                         f"or on the CPU")
     # int32 for the kernels: values beyond int32 saturate, so out-of-range values stay out of range (the
     # range itself is checked where the values are read: check_lengths_range)
     if x.dtype == torch.int64:
@@ -116,13 +117,16 @@ def _mask(x, name: str, B: int, N: int, device) -> Optional[torch.Tensor]:
 
 
 def check_lengths_range(t_len: Optional[torch.Tensor], i_len: Optional[torch.Tensor], Nt: int, Nv: int) -> None:
-    """ValueError naming ``text_lengths`` / ``image_lengths`` when a length is outside [0, N] (one host sync)."""
+    """ValueError naming ``text_lengths`` / ``image_lengths`` when a length is outside [0, N]. Lengths on the CPU
+    are read in place; lengths on a device are read with one synchronisation for both."""
     checks = [(t, n, name) for t, n, name in ((t_len, Nt, "text_lengths"), (i_len, Nv, "image_lengths"))
               if t is not None and t.numel()]
-    if not checks:
-        return
-    bad = torch.stack([((t < 0) | (t > n)).any() for t, n, _ in checks]).tolist()
-    for (t, n, name), b in zip(checks, bad):
+    on_host = [c for c in checks if c[0].device.type == "cpu"]
+    on_device = [c for c in checks if c[0].device.type != "cpu"]
+    bad = [int(lo) < 0 or int(hi) > n for (lo, hi), n in ((torch.aminmax(t), n) for t, n, _ in on_host)]
+    if on_device:
+        bad += torch.stack([((t < 0) | (t > n)).any() for t, n, _ in on_device]).tolist()
+    for (t, n, name), b in zip(on_host + on_device, bad):
         if b:
             got = t.tolist() if t.numel() <= 16 else f"min {int(t.min())}, max {int(t.max())}"
             raise ValueError(f"{name} must be in [0, {n}] (the number of {name.split('_')[0]} tokens), got {got}")
@@ -150,16 +154,18 @@ def check_args(tensors, *, text_lengths=None, image_lengths=None, text_mask=None
             raise ValueError(f"{name} is on {t.device} but text_q is on {tq.device}; put them on one device")
     B, Nt, H, d = tq.shape
     Nv = tensors[3].shape[1]
-    for what, dim in (("batch size B", 0), ("number of heads H", 2), ("head dim d", 3)):
-        for name, t in zip(_NAMES[1:], tensors[1:]):
-            if t.shape[dim] != tq.shape[dim]:
-                raise ValueError(f"{name} has {what} {t.shape[dim]} but text_q has {tq.shape[dim]} "
-                                 f"(shapes {tuple(t.shape)} and {tuple(tq.shape)})")
-    for name, t, n, stream in (("text_k", tensors[1], Nt, "text_q"), ("text_v", tensors[2], Nt, "text_q"),
-                               ("image_k", tensors[4], Nv, "image_q"), ("image_v", tensors[5], Nv, "image_q")):
-        if t.shape[1] != n:
-            raise ValueError(f"{name} has {t.shape[1]} tokens but {stream} has {n}; one stream's q, k, v "
-                             f"share N")
+    want = ((B, Nt, H, d),) * 3 + ((B, Nv, H, d),) * 3
+    if any(t.shape != w for t, w in zip(tensors, want)):  # name the first mismatch
+        for what, dim in (("batch size B", 0), ("number of heads H", 2), ("head dim d", 3)):
+            for name, t in zip(_NAMES[1:], tensors[1:]):
+                if t.shape[dim] != tq.shape[dim]:
+                    raise ValueError(f"{name} has {what} {t.shape[dim]} but text_q has {tq.shape[dim]} "
+                                     f"(shapes {tuple(t.shape)} and {tuple(tq.shape)})")
+        for name, t, n, stream in (("text_k", tensors[1], Nt, "text_q"), ("text_v", tensors[2], Nt, "text_q"),
+                                   ("image_k", tensors[4], Nv, "image_q"), ("image_v", tensors[5], Nv, "image_q")):
+            if t.shape[1] != n:
+                raise ValueError(f"{name} has {t.shape[1]} tokens but {stream} has {n}; one stream's q, k, v "
+                                 f"share N")
     if text_lengths is not None and text_mask is not None:
         raise ValueError("give text_lengths or text_mask, not both")
     if image_lengths is not None and image_mask is not None:
@@ -202,7 +208,8 @@ def key_valid(lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor], B: 
     condition skipped when its tensor is None)."""
     valid = torch.ones(B, N, dtype=torch.bool, device=device)
     if lengths is not None:
-        valid = valid & (torch.arange(N, device=lengths.device)[None, :] < lengths.to(torch.int64)[:, None])
+        lengths = lengths.to(valid.device, torch.int64, non_blocking=True)  # lengths may be on the CPU
+        valid = valid & (torch.arange(N, device=valid.device)[None, :] < lengths[:, None])
     if mask is not None:
         valid = valid & mask.to(torch.bool)
     return valid
