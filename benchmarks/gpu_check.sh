@@ -12,6 +12,8 @@
 #   build      VLOPS_BUILD_CUDA=1 pip install --no-build-isolation --no-deps -e . (timed); if pip fails,
 #              python3 setup.py build_ext --inplace
 #   backends   python3 -m vlops (backend availability)
+#   host       python3 benchmarks/host_overhead.py --device cuda (host time per call at tiny sizes;
+#              GPU_HOST=skip leaves it out)
 #   bench      python3 benchmarks/run.py --device cuda --out OUTDIR (all ops, full sizes)
 #   tune       python3 benchmarks/contrastive_tune.py (the contrastive kernels one by one, tile variants,
 #              cuBLAS products of the same shapes, one forward + backward at N = 1,048,576)
@@ -113,6 +115,7 @@ main() {
         echo "vlops._C: not importable"
 
     stage backends 60 python3 -m vlops
+    [ "${GPU_HOST:-}" = skip ] || stage host 90 python3 benchmarks/host_overhead.py --device cuda
     local tests_pid=""
     if [ "${GPU_TESTS_BACKGROUND:-0}" = 1 ]; then
         (run_tests >"$OUTDIR/tests.txt" 2>&1) &

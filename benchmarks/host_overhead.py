@@ -148,7 +148,8 @@ def time_per_call(fn, inputs, pass_, device, calls, trials):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--ops", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--backends", nargs="+", default=None, help="fused backends (default: cpu on CPU, triton on CUDA; "
@@ -165,7 +166,8 @@ def main(argv=None):
         if args.device != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
             p.error("--stub-triton needs --device cpu and TRITON_INTERPRET=1 in the environment")
         stub_triton_kernels()
-    backends = args.backends or (["cpu", "triton"] if args.stub_triton else ["triton" if device.type == "cuda" else "cpu"])
+    backends = args.backends or (["cpu", "triton"] if args.stub_triton
+                                 else ["triton" if device.type == "cuda" else "cpu"])
     print(f"host time per call (us), {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"median of {args.trials} x {args.calls} calls" + (" (triton kernels stubbed)" if args.stub_triton else ""))
     header = f"{'op':14s} {'pass':17s} {'eager':>8s} " + " ".join(f"{b:>8s}" for b in backends) + "  baseline"

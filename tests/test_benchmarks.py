@@ -134,3 +134,29 @@ def test_passes_filter_lists_only_those_passes():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     listed = [ln for ln in proc.stdout.splitlines() if ln.startswith("  coattention/")]
     assert listed and all(" backward [" in ln for ln in listed), proc.stdout
+
+
+@pytest.mark.parametrize("stub", [False, True], ids=["cpu", "triton-stubbed"])
+def test_host_overhead_rows(stub):
+    """benchmarks/host_overhead.py prints a row per op and pass with a positive time for the eager baseline
+    and every backend (with --stub-triton, under the interpreter: the cpu and triton backends)."""
+    if stub:
+        pytest.importorskip("triton")
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "host_overhead.py"), "--calls", "2", "--trials", "1"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    if stub:
+        cmd.append("--stub-triton")
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1].split()[:3] == ["op", "pass", "eager"] and lines[1].split()[3:] == (
+        ["cpu", "triton", "baseline"] if stub else ["cpu", "baseline"])
+    rows = [ln.split() for ln in lines[3:] if ln.strip()]
+    assert [(r[0], r[1]) for r in rows] == [(op, p) for op in ("co_attention", "patch_embed", "clip_loss",
+                                                               "siglip_loss")
+                                            for p in ("forward", "forward+backward")]
+    n_times = 3 if stub else 2
+    for r in rows:
+        times = [float(x) for x in r[2:2 + n_times]]
+        assert all(math.isfinite(t) and t > 0 for t in times), r
