@@ -312,6 +312,35 @@ def test_bad_input_errors():
     assert all(torch.equal(a, b) for a, b in zip(before, ts))
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_eager_autograd_path_equals_registered_autograd(backend, device):
+    """vlops.co_attention's eager calls go through ops.co_attention (a torch.autograd.Function built from the
+    op's setup and backward, vlops.ops.eager_autograd); calling the custom op itself uses the autograd that
+    register_autograd gave it. Same outputs and gradients bit for bit (a gradient on one output only too);
+    no graph when nothing requires grad."""
+    _require(backend, device)
+    B, Nt, Nv, H, d = 2, 5, 9, 2, 16
+    ts = [t.requires_grad_() for t in _inputs(B, Nt, Nv, H, d, seed=9, device=device)]
+    args = (*ts, torch.tensor([5, 2], dtype=torch.int32), None, None,
+            torch.rand(B, Nv, generator=torch.Generator().manual_seed(2)).to(device) > 0.3, 0.25, 0, 0.1, 77)
+    go = _grads_out(B, Nt, Nv, H, d, device=device)
+    with vlops.use_backend(backend):
+        fast = ops.co_attention(*args)
+        reg = ops.co_attention_op(*args)
+        assert type(fast[0].grad_fn).__name__ != type(reg[0].grad_fn).__name__  # two routes were taken
+        for outs_grads in ((0, 1), (1,)):
+            g_fast = torch.autograd.grad([fast[i] for i in outs_grads], ts, [go[i] for i in outs_grads],
+                                         retain_graph=True)
+            g_reg = torch.autograd.grad([reg[i] for i in outs_grads], ts, [go[i] for i in outs_grads],
+                                        retain_graph=True)
+            for gf, gr in zip(g_fast, g_reg):
+                assert torch.equal(gf, gr)
+        with torch.no_grad():
+            plain = ops.co_attention(*args)
+    for f, r, p in zip(fast, reg, plain):
+        assert torch.equal(f, r) and torch.equal(p, f.detach()) and p.grad_fn is None
+
+
 def test_lengths_on_the_host():
     """Lengths may be on the CPU whatever the inputs' device (checked on the host, no device sync): the
     argument check accepts them for inputs elsewhere and range-checks them in place."""

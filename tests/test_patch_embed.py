@@ -194,6 +194,38 @@ def test_opcheck_and_compile(backend, device):
         assert rel_err(gc, ge) <= 1e-6
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_eager_autograd_path_equals_registered_autograd(backend, device):
+    """vlops.patch_embed's eager calls go through ops.patch_embed (a torch.autograd.Function built from the
+    op's setup and backward, vlops.ops.eager_autograd); calling the custom op itself uses the autograd that
+    register_autograd gave it. Same outputs and gradients bit for bit, with the pre-norm rows saved or not;
+    no graph when nothing requires grad."""
+    _require(backend, device)
+    images, params, kw, norms, opts = _stem(B=2, H=8, W=12, P=4, D=8, nreg=1, pn=True, device=device)
+    a = _leaves(params, kw, norms, torch.float32)
+    prefix = torch.randn(2, 8, device=device, requires_grad=True)
+    pos = a["pos_embed"][0, 2:].detach().clone().requires_grad_()
+    pn_w, pn_b, _ = a["patch_norm"]
+    ln_w, ln_b, _ = a["ln"]
+    for save_x0 in (False, True):
+        x = images.detach().clone().requires_grad_()
+        args = (x, a["weight"], a["bias"], prefix, pos, pn_w, pn_b, 1e-6, True, ln_w, ln_b, 1e-5, True, save_x0)
+        ts = [t for t in args if isinstance(t, torch.Tensor)]
+        with vlops.use_backend(backend):
+            fast, x0_fast = ops.patch_embed(*args)
+            reg, x0_reg = ops.patch_embed_op(*args)
+            g = torch.randn_like(fast)
+            assert type(fast.grad_fn).__name__ != type(reg.grad_fn).__name__  # two routes were taken
+            g_fast = torch.autograd.grad(fast, ts, g)
+            g_reg = torch.autograd.grad(reg, ts, g)
+        assert torch.equal(fast, reg) and torch.equal(x0_fast, x0_reg) and x0_fast.numel() == (2 * 6 * 8 if save_x0 else 0)
+        for gf, gr in zip(g_fast, g_reg):
+            assert torch.equal(gf, gr)
+    with vlops.use_backend(backend), torch.no_grad():
+        out, _ = ops.patch_embed(*args)
+    assert out.grad_fn is None and torch.equal(out, fast.detach())
+
+
 class _KernelSpy:
     """Wraps the op layer's kernel lookups (vlops.ops.patch_embed._kernel / _bwd_kernel) and records the
     x0_out the forward kernel gets, and the x0 the backward kernel gets with its values before and after."""
