@@ -175,19 +175,28 @@ def op_unavailable_reason(op: str, name: str, device) -> str:
     return ""
 
 
+@functools.lru_cache(maxsize=None)
+def _reason_cached(op: str, name: str, dev_type: str, interpret: bool) -> str:
+    """op_unavailable_reason for a device type: what it checks (the extension, triton, CUDA) does not change
+    while the process runs, except TRITON_INTERPRET, which is part of the key."""
+    return op_unavailable_reason(op, name, torch.device(dev_type))
+
+
 def resolve(op: str, device: torch.device) -> str:
-    """The backend that runs ``op`` on tensors of ``device`` now."""
+    """The backend that runs ``op`` on tensors of ``device`` now (availability is looked up once per op,
+    backend and device type: this runs on every call)."""
     name = requested_backend()
-    dev = torch.device(device)
+    dev = device if isinstance(device, torch.device) else torch.device(device)
+    interpret = triton_interpret()
     if name != "auto":
-        why = op_unavailable_reason(op, name, dev)
+        why = _reason_cached(op, name, dev.type, interpret)
         if why:
             raise BackendUnavailableError(f"vlops backend {name!r} cannot run {op} on {dev.type}: {why}")
         return name
     if dev.type == "cpu":
-        return "cpu" if not op_unavailable_reason(op, "cpu", dev) else "reference"
+        return "cpu" if not _reason_cached(op, "cpu", "cpu", interpret) else "reference"
     if dev.type == "cuda":
         for cand in AUTO_CUDA_ORDER.get(op, ("triton", "cuda")):
-            if not op_unavailable_reason(op, cand, dev):
+            if not _reason_cached(op, cand, "cuda", interpret):
                 return cand
     return "reference"

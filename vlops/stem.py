@@ -47,7 +47,8 @@ def patch_embed(images, weight, bias=None, *, cls_token=None, reg_tokens=None, p
     R0 = a.n_prefix
     prefix = None
     if R0:  # the prefix rows are the same for every image: computed once here (R0 x D)
-        prefix = torch.cat([t.to(cdt) for t in (a.cls, a.reg) if t is not None])
+        rows = [t for t in (a.cls, a.reg) if t is not None]
+        prefix = rows[0].to(cdt) if len(rows) == 1 else torch.cat([t.to(cdt) for t in rows])
         if a.pos is not None and a.pos_embed_prefix:
             prefix = prefix + a.pos[:R0].to(cdt)
         if a.ln is not None:

@@ -170,7 +170,9 @@ def _kernel(device: torch.device):
 
 
 def _compute(t: Optional[torch.Tensor], cdt) -> Optional[torch.Tensor]:
-    return None if t is None else t.to(cdt).contiguous()
+    if t is None or (t.dtype == cdt and t.is_contiguous()):
+        return t
+    return t.to(cdt).contiguous()
 
 
 def _saves_x0(save_x0: bool, use_pn: bool, use_ln: bool) -> bool:
