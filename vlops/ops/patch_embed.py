@@ -207,7 +207,7 @@ def patch_embed_op(images: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                                  _compute(ln_bias, cdt), float(ln_eps), bool(use_ln), int(P), int(R0),
                                  x0 if save else None)
     if R0:
-        out[:, :R0] = prefix.to(out.dtype)
+        out[:, :R0].copy_(prefix)  # one kernel: the broadcast copy rounds to out.dtype as it goes
     return out, x0
 
 
