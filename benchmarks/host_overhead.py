@@ -6,7 +6,8 @@ counts: the latency floor of a small call (co-attention at VQA sizes runs a few 
                                                             # + the triton backend's host path, kernels stubbed
     python benchmarks/host_overhead.py --device cuda        # on a GPU: time to enqueue one call
 
-Each row is the median over ``--trials`` of the mean time of ``--calls`` back-to-back calls, in microseconds:
+Each row is the best over ``--trials`` of the mean time of ``--calls`` back-to-back calls, in microseconds
+(the least disturbed trial: on a shared machine the noise only ever adds time):
 ``forward`` with no input requiring grad, ``forward+backward`` with every float input requiring grad and
 ``backward()`` of the outputs' sum. On CUDA the calls are queued without a synchronisation, so at these sizes
 the figure is the host's time to issue a call (a device synchronisation inside a call shows as the GPU's
@@ -17,7 +18,6 @@ custom-op dispatch, autograd, launcher prologue) without the interpreter's cost;
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -144,7 +144,7 @@ def time_per_call(fn, inputs, pass_, device, calls, trials):
             call()
         runs.append((time.perf_counter() - t0) / calls * 1e6)
         sync()
-    return statistics.median(runs)
+    return min(runs)
 
 
 def main(argv=None):
@@ -157,7 +157,7 @@ def main(argv=None):
     p.add_argument("--stub-triton", action="store_true", help="CPU tensors under TRITON_INTERPRET=1: time the triton "
                    "backend's host path with no-op kernels")
     p.add_argument("--calls", type=int, default=300)
-    p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--trials", type=int, default=7)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.stub_triton:
@@ -169,7 +169,7 @@ def main(argv=None):
     backends = args.backends or (["cpu", "triton"] if args.stub_triton
                                  else ["triton" if device.type == "cuda" else "cpu"])
     print(f"host time per call (us), {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"median of {args.trials} x {args.calls} calls" + (" (triton kernels stubbed)" if args.stub_triton else ""))
+          f"best of {args.trials} x {args.calls} calls" + (" (triton kernels stubbed)" if args.stub_triton else ""))
     header = f"{'op':14s} {'pass':17s} {'eager':>8s} " + " ".join(f"{b:>8s}" for b in backends) + "  baseline"
     print(header)
     print("-" * len(header))
