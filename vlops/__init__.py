@@ -66,8 +66,9 @@ def co_attention(text_q, text_k, text_v, image_q, image_k, image_v, *, text_leng
         (fp32 accumulation; float64 for float64).
 
     Lengths are range-checked before any kernel runs: lengths on the CPU on the host, with no device
-    synchronisation (they are then copied to the device without blocking); lengths on a GPU with one
-    synchronisation per call, which stops the host from queueing work ahead of the GPU.
+    synchronisation (they are then copied to the device through pinned memory, queued on the stream);
+    lengths on a GPU with one synchronisation per call, which stops the host from queueing work ahead of
+    the GPU.
     Under ``torch.compile`` a seed drawn for ``seed=None`` comes from the compiled program's random stream:
     a fresh one per call and reproducible with ``torch.manual_seed``, but not the value eager mode draws.
     """

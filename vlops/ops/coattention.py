@@ -218,10 +218,16 @@ def _lastdim(t: torch.Tensor) -> torch.Tensor:
 
 
 def _len_or_full(length: Optional[torch.Tensor], B: int, N: int, device) -> torch.Tensor:
-    """int32 [B] lengths on ``device`` (lengths on the CPU are copied without blocking the host)."""
+    """int32 [B] lengths on ``device``. Lengths on the CPU for a GPU are staged in pinned memory, so that
+    the copy is queued on the stream without waiting for the device (a copy from pageable memory may)."""
     if length is None:
         return torch.full((B,), N, dtype=torch.int32, device=device)
-    return length.to(device, torch.int32, non_blocking=True).contiguous()
+    length = length.to(torch.int32)
+    if length.device != device:
+        if device.type == "cuda":
+            length = length.pin_memory()
+        return length.to(device, non_blocking=True)
+    return length.contiguous()
 
 
 def _mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
