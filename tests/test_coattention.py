@@ -383,6 +383,35 @@ def test_cuda_call_does_not_synchronise(backend, device, pad):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id == "triton-cuda"])
+def test_cuda_graph_capture(backend, device):
+    """A CUDA graph captures the forward with boolean key masks, and its replay on new inputs equals the eager
+    call; lengths (on the host or the device) inside a capture raise a ValueError naming them."""
+    _require(backend, device)
+    B, Nt, Nv, H, d = 3, 20, 37, 2, 64
+    ts = _inputs(B, Nt, Nv, H, d, seed=12, device=device, dtype=torch.bfloat16)
+    kw = {k: v.to(device) for k, v in _kw(_padding("mask", B, Nt, 3), _padding("mask", B, Nv, 4)).items()}
+    static = [t.clone() for t in ts]
+    with vlops.use_backend(backend):
+        vlops.co_attention(*static, **kw)  # compile the kernels outside the capture
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs = vlops.co_attention(*static, **kw)
+        fresh = _inputs(B, Nt, Nv, H, d, seed=13, device=device, dtype=torch.bfloat16)
+        for s_, f in zip(static, fresh):
+            s_.copy_(f)
+        g.replay()
+        want = vlops.co_attention(*fresh, **kw)
+        for a, b in zip(outs, want):
+            assert torch.equal(a, b)
+        for lengths in (torch.tensor([20, 5, 0]), torch.tensor([20, 5, 0], device=device)):
+            g2 = torch.cuda.CUDAGraph()
+            with pytest.raises(ValueError, match="text_lengths: lengths cannot be used inside a CUDA graph"):
+                with torch.cuda.graph(g2):
+                    vlops.co_attention(*static, text_lengths=lengths)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_opcheck_and_compile(backend, device):
     _require(backend, device)

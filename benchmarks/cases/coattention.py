@@ -3,8 +3,9 @@
 - ``vqa``: ViLBERT's co-attention at VQA sizes (8 heads, d = 128, Nt = 20 text tokens, Nv = 101 image
   regions padded from random lengths 37..101), fused vs two masked ``F.scaled_dot_product_attention`` calls
   (boolean key masks) on the same [B, N, H, d] projections. The masks are built once, outside the timed
-  region; the fused call gets the lengths as a CPU tensor (checked on the host, copied to the device without
-  blocking: no device synchronisation per call).
+  region; the fused call gets the lengths as a CPU tensor (checked on the host, copied to the device through pinned memory without
+  blocking: no device synchronisation per call). On CUDA the forward also gets a ``+graph`` row: a CUDA-graph
+  replay of the fused call (with the boolean masks, which a capture can take), its GPU time without the host.
 - ``vqa_vilbert``: the same sizes through the whole ``BertBiAttention`` module (six projections + both
   attentions; hidden 768 text / 1024 image, bi_hidden 1024): vilbert-multi-task's eager math
   (``vlops.reference.coattention.ViLBERTBiAttention``, extended -10000 masks) vs ``vlops.nn.CoAttention`` with
@@ -108,6 +109,9 @@ def _attention_case(name, B, H, d, Nt, Nv, t_range, i_range, pass_, dtype, devic
 
     fns = autograd_fns(pass_, lambda inp: eager_fn(inp["ts"]), lambda inp: fused_fn(inp["ts"]),
                        leaves=lambda inp, fused: inp["ts"], out_grads=lambda inp, outs: inp["gos"], check=_relerr)
+    if pass_ == "forward" and baseline == "sdpa":  # CUDA: also a graph replay (the GPU time alone; lengths
+        # cannot be captured, the boolean masks can)
+        fns["graph_fused"] = lambda inp: vlops.co_attention(*inp["ts"], text_mask=t_keep, image_mask=i_keep)
     flops, nbytes = _attention_floor(B, H, d, Nt, Nv, t_len, i_len, pass_, dtype_bytes(dtype))
     note = (f"H {H}, d {d}, text lengths {t_range[0]}..{t_range[1]} of {Nt}, image lengths "
             f"{i_range[0]}..{i_range[1]} of {Nv}; baseline: "

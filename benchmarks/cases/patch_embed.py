@@ -6,7 +6,8 @@
 Sizes (``--sizes``): ``headline`` ViT-B/16 224, batch 32, fp32 (CPU) / ViT-B/16 and ViT-L/14 224,
 batch 256, bf16 (CUDA); ``small`` ViT-B/16 224 batch 4 (also ``--quick``). Passes: forward, backward (the
 forward run outside the timed region) and forward + backward (gradients of every stem parameter, not of the
-images).
+images). On CUDA the forward also gets a ``+graph`` row: a CUDA-graph replay of the fused call, its GPU time
+without the host's.
 
 Floor: the GEMM's 2 (B N) (C P P) D flops (the forward's projection; the backward's d_weight the same again)
 at the measured matmul rate of the dtype, or the bytes (images read once, tokens (or their gradient) once,
@@ -69,6 +70,8 @@ def _case(kind, B, pass_, dtype, device):
         return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
     fns = autograd_fns(pass_, eager_stem, fused_stem, leaves=lambda x, fused: params, check=relerr)
+    if pass_ == "forward":  # CUDA: also a graph replay of the fused forward (its GPU time without the host)
+        fns["graph_fused"] = fns["fused"]
     P, D = MODELS[kind][0], MODELS[kind][1]
     N = (224 // P) ** 2
     K = 3 * P * P

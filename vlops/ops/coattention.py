@@ -230,6 +230,17 @@ def _len_or_full(length: Optional[torch.Tensor], B: int, N: int, device) -> torc
     return length.contiguous()
 
 
+def _no_lengths_in_capture(t_len, i_len, device) -> None:
+    """ValueError when lengths are given inside a CUDA graph capture: lengths on the GPU are range-checked with a
+    host read, which a capture cannot do, and lengths on the CPU are copied from a temporary host buffer that a
+    replay would read again after it is reused. Boolean masks work in a capture."""
+    if device.type == "cuda" and (t_len is not None or i_len is not None) and torch.cuda.is_current_stream_capturing():
+        name = "text_lengths" if t_len is not None else "image_lengths"
+        raise ValueError(f"{name}: lengths cannot be used inside a CUDA graph capture (range-checking device lengths "
+                         f"reads them on the host; host lengths are copied from a temporary buffer); pass the key "
+                         f"padding as boolean masks (text_mask / image_mask) instead")
+
+
 def _mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if mask is None else mask.to(torch.bool).contiguous()
 
@@ -245,6 +256,7 @@ def co_attention_op(tq: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor, iq: to
     synchronisation when they are on the CPU (they may be, whatever the inputs' device), else with one."""
     B, Nt, H, d = tq.shape
     Nv = iq.shape[1]
+    _no_lengths_in_capture(t_len, i_len, tq.device)
     check_lengths_range(t_len, i_len, Nt, Nv)
     _, fwd, _ = _kernels(tq.device, d, tq.dtype)
     t_out, i_out, t_lse, i_lse = fwd(*(_lastdim(t) for t in (tq, tk, tv, iq, ik, iv)),
@@ -276,6 +288,7 @@ def co_attention_backward_op(t_dout: torch.Tensor, i_dout: torch.Tensor, tq: tor
     of the module docstring."""
     B, Nt, H, d = tq.shape
     Nv = iq.shape[1]
+    _no_lengths_in_capture(t_len, i_len, tq.device)
     _, _, bwd = _kernels(tq.device, d, tq.dtype)
     dt = tq.dtype
     grads = bwd(t_dout.to(dt).contiguous(), i_dout.to(dt).contiguous(),
