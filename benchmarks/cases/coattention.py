@@ -3,8 +3,8 @@
 - ``vqa``: ViLBERT's co-attention at VQA sizes (8 heads, d = 128, Nt = 20 text tokens, Nv = 101 image
   regions padded from random lengths 37..101), fused vs two masked ``F.scaled_dot_product_attention`` calls
   (boolean key masks) on the same [B, N, H, d] projections. The masks are built once, outside the timed
-  region; the fused call gets the lengths as a CPU tensor (checked on the host, copied to the device through pinned memory without
-  blocking: no device synchronisation per call). On CUDA the forward also gets a ``+graph`` row: a CUDA-graph
+  region; the fused call gets the lengths as a CPU tensor (checked on the host, copied to the device through
+  pinned memory without blocking: no device synchronisation per call). On CUDA the forward also gets a ``+graph`` row: a CUDA-graph
   replay of the fused call (with the boolean masks, which a capture can take), its GPU time without the host.
 - ``vqa_vilbert``: the same sizes through the whole ``BertBiAttention`` module (six projections + both
   attentions; hidden 768 text / 1024 image, bi_hidden 1024): vilbert-multi-task's eager math
