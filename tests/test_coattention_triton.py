@@ -27,7 +27,8 @@ draws (one-hot output gradients, dropout 0.5) its error is 2x eager's and on oth
 exactly representable gradient); over many seeds the error stays under 0.75x this bound. dq and dk are
 measured against max(their norm, a quarter of the size of the terms that cancel in them, ``_cancel_floors``):
 where a softmax row is one-hot they are exactly 0, and the same ``delta`` leaves a residue of a few fp32
-units of those terms. lse <= 1e-5 for every dtype. Exact: ``lse = -inf`` and zero outputs / dq for rows with
+units of those terms. lse <= 1e-5 for every dtype, against max(its norm, a quarter of the size of the terms
+of the largest score, ``_lse_floors``: one key whose score cancels to near 0 has an lse near 0). Exact: ``lse = -inf`` and zero outputs / dq for rows with
 no valid key (mode 0), dk = dv = 0 for invalid keys (mode 0). One kind of row is ill-conditioned by the
 contract itself: in mode 1 a row whose keys are all invalid has scores ``s - 10000`` rounded to fp32 (a spacing
 of 2**-10) and an fp32 lse near -10000 (same spacing), so its p carry ~5e-4 relative errors whatever the
@@ -278,6 +279,16 @@ def _eager(torch, q, k, v, valid, mode, scale, keep, p):
     return torch.einsum("bhij,bjhc->bihc", pr, v)
 
 
+def _lse_floors(torch, q, k, valid, scale):
+    """float64 [B, H, Nq]: a quarter of ``scale * max_j sum_c |q_ic k_jc|`` over the valid keys j, the size of
+    the terms of the largest score. The fp32 rounding of the scores moves an lse by a few 2**-24 of this,
+    which exceeds 1e-5 |lse| where the scores cancel to near 0 (one key: the lse is its score); the lse
+    errors are measured against max(their norm, this floor)."""
+    with torch.no_grad():
+        a = torch.einsum("bihc,bjhc->bhij", q.detach().double().cpu().abs(), k.detach().double().cpu().abs())
+        return (scale * a).masked_fill(~valid[:, None, None, :], 0.0).amax(-1) / 4
+
+
 def _split_err(torch, out, ref, ill_b, batch_dim=0, floors=None):
     """(error over the regular batch entries, error over the ill-conditioned ones or None); ``floors``: None or
     a float64 [B] of per-entry norms the error is also measured against (see _cancel_floors)."""
@@ -344,6 +355,8 @@ def _run_case(torch, k, ref_mod, c, gen, device):
                 rr = r.detach()[sel]
                 errs[name]["err_rounded"] = _rel(torch, rr.to(dt), rr)
                 errs[name]["err_reg16"] = _rel(torch, o.cpu()[sel], rr)
+    lse_floors = {"t_lse": _lse_floors(torch, L[0], L[4], i_valid, scale),
+                  "i_lse": _lse_floors(torch, L[3], L[1], t_valid, scale)}
     for name, o, r in (("t_lse", got[2], t_lse64), ("i_lse", got[3], i_lse64)):
         r = r.detach()
         fin = torch.isfinite(r)
@@ -351,7 +364,8 @@ def _run_case(torch, k, ref_mod, c, gen, device):
         ib = ill[DIRECTION[name]]
         reg_rows = fin.clone()
         reg_rows[ib] = False
-        errs[name] = {"err": _rel(torch, oc[reg_rows], r[reg_rows]) if reg_rows.any() else 0.0,
+        fl = lse_floors[name][reg_rows].norm().item()
+        errs[name] = {"err": _rel(torch, oc[reg_rows], r[reg_rows], fl) if reg_rows.any() else 0.0,
                       "err_ill": _rel(torch, oc[ib], r[ib]) if ib else None,
                       "neginf_ok": bool(torch.equal(torch.isneginf(oc), ~fin)),
                       "nonfinite": int((~torch.isfinite(oc) & fin).sum()) + int(torch.isnan(oc).sum()),
