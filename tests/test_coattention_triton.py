@@ -249,25 +249,23 @@ def _attend(torch, q, k, v, valid, mode, scale, keep, p, probs=False):
     return torch.einsum("bhij,bjhc->bihc", pr, v), lse
 
 
-def _cancel_floors(torch, q, k, v, dout, valid, mode, scale, keep, p):
+def _cancel_floors(torch, pr, q, k, v, dout, scale, keep, p):
     """Per batch entry, float64 [B]: a sixteenth of the size of the terms whose differences form dq and dk of
     one direction, ``|| scale (P o A) |K| ||`` and ``|| scale (P o A)^T |Q| ||`` with ``A = |dO| |V|^T`` (the
-    terms of ``dP' = dO V^T``; times the dropout keep / (1 - p)). dq and dk are sums of
+    terms of ``dP' = dO V^T``; times the dropout keep / (1 - p)); ``pr``: the direction's float64 softmax P
+    (before dropout), the other tensors float64 on the CPU. dq and dk are sums of
     ``P_ij (dP'_ij - delta_i)``: where the softmax is one-hot they cancel to exactly 0 in exact arithmetic,
     and an fp32 backward that forms ``delta = rowsum(dO o O)`` from the output (as flash attention does)
     leaves a rounding residue of a few 2**-24 of these terms. The gradients' errors are measured against
     max(their norm, this floor); over the cases of one run the floor is 0.06x to 4.2x the norm (median
     0.7x), so on most draws the bound is unchanged and on the others at most a few times looser, still far
     above the errors of a correct kernel (2e-7 to 3e-7)."""
-    with torch.no_grad():
-        q, k, v, dout = (x.detach().double().cpu() for x in (q, k, v, dout))
-        pr = _attend(torch, q, k, v, valid, mode, scale, None, 0.0, probs=True)
-        w = pr * torch.einsum("bihc,bjhc->bhij", dout.abs(), v.abs())
-        if keep is not None:
-            w = w * keep.to(w.dtype) / (1.0 - p)
-        fq = scale * torch.einsum("bhij,bjhc->bihc", w, k.abs())
-        fk = scale * torch.einsum("bhij,bihc->bjhc", w, q.abs())
-        return fq.flatten(1).norm(dim=1) / 16, fk.flatten(1).norm(dim=1) / 16
+    w = pr * torch.einsum("bihc,bjhc->bhij", dout.abs(), v.abs())
+    if keep is not None:
+        w = w * keep.to(w.dtype) / (1.0 - p)
+    fq = scale * torch.einsum("bhij,bjhc->bihc", w, k.abs())
+    fk = scale * torch.einsum("bhij,bihc->bjhc", w, q.abs())
+    return fq.flatten(1).norm(dim=1) / 16, fk.flatten(1).norm(dim=1) / 16
 
 
 def _eager(torch, q, k, v, valid, mode, scale, keep, p):
@@ -284,20 +282,17 @@ def _eager(torch, q, k, v, valid, mode, scale, keep, p):
     return torch.einsum("bhij,bjhc->bihc", pr, v)
 
 
-def _delta_shift(torch, q, k, v, dout, valid, mode, scale, keep, p, dtype):
-    """float64 (dq, dk) shifts of one direction when ``delta = rowsum(dO o O)`` is formed from the output
-    rounded to ``dtype``, as flash attention (and these kernels) do, instead of from the exact output:
-    ``dS_ij = P_ij (dP'_ij - delta_i)`` moves by ``-P_ij (dO_i . (round(O_i) - O_i))``. The 16-bit gradients'
-    error is bounded by twice the error this alone makes (plus the gradient's own rounding), besides the
-    eager and rounding bounds."""
-    with torch.no_grad():
-        q, k, v, dout = (x.detach().double().cpu() for x in (q, k, v, dout))
-        pr = _attend(torch, q, k, v, valid, mode, scale, None, 0.0, probs=True)
-        prd = pr if keep is None else pr * keep.to(pr.dtype) / (1.0 - p)
-        out = torch.einsum("bhij,bjhc->bihc", prd, v)
-        ddelta = (dout * (out.to(dtype).double() - out)).sum(-1).permute(0, 2, 1)  # [B, H, Nq]
-        w = -pr * ddelta[..., None]
-        return (scale * torch.einsum("bhij,bjhc->bihc", w, k), scale * torch.einsum("bhij,bihc->bjhc", w, q))
+def _delta_shift(torch, pr, q, k, v, dout, scale, keep, p, dtype):
+    """float64 (dq, dk) shifts of one direction (arguments as :func:`_cancel_floors`) when
+    ``delta = rowsum(dO o O)`` is formed from the output rounded to ``dtype``, as flash attention (and these
+    kernels) do, instead of from the exact output: ``dS_ij = P_ij (dP'_ij - delta_i)`` moves by
+    ``-P_ij (dO_i . (round(O_i) - O_i))``. The 16-bit gradients' error is bounded by twice the error this
+    alone makes (plus the gradient's own rounding), besides the eager and rounding bounds."""
+    prd = pr if keep is None else pr * keep.to(pr.dtype) / (1.0 - p)
+    out = torch.einsum("bhij,bjhc->bihc", prd, v)
+    ddelta = (dout * (out.to(dtype).double() - out)).sum(-1).permute(0, 2, 1)  # [B, H, Nq]
+    w = -pr * ddelta[..., None]
+    return scale * torch.einsum("bhij,bjhc->bihc", w, k), scale * torch.einsum("bhij,bihc->bjhc", w, q)
 
 
 def _lse_floors(torch, q, k, valid, scale):
@@ -446,12 +441,18 @@ def _run_case(torch, k, ref_mod, c, gen, device):
             gi[empty[1]] = 0
             torch.autograd.backward([t_e, i_e], [gt, gi])
             eager_grads = [x.grad for x in E]
-            sq0, sk0 = _delta_shift(torch, tq, ik, iv, t_do, i_valid, mode, scale, keeps[0], p, dt)
-            sq1, sk1 = _delta_shift(torch, iq, tk, tv, i_do, t_valid, mode, scale, keeps[1], p, dt)
-            shifts = {"d_tq": sq0, "d_ik": sk0, "d_iq": sq1, "d_tk": sk1}
-        fq0, fk0 = _cancel_floors(torch, tq, ik, iv, t_do, i_valid, mode, scale, keeps[0], p)
-        fq1, fk1 = _cancel_floors(torch, iq, tk, tv, i_do, t_valid, mode, scale, keeps[1], p)
-        floors = {"d_tq": fq0, "d_ik": fk0, "d_iq": fq1, "d_tk": fk1}
+        # per direction, in float64 on the CPU: (P, q, k, v, dO, scale, keep, p) for the floors and shifts
+        with torch.no_grad():
+            D = [L[i].detach() for i in range(6)]
+            dirs = [(_attend(torch, D[0], D[4], D[5], i_valid, mode, scale, None, 0.0, probs=True), D[0], D[4],
+                     D[5], t_do.double().cpu(), scale, keeps[0], p),
+                    (_attend(torch, D[3], D[1], D[2], t_valid, mode, scale, None, 0.0, probs=True), D[3], D[1],
+                     D[2], i_do.double().cpu(), scale, keeps[1], p)]
+            (fq0, fk0), (fq1, fk1) = (_cancel_floors(torch, *a) for a in dirs)
+            floors = {"d_tq": fq0, "d_ik": fk0, "d_iq": fq1, "d_tk": fk1}
+            if eager_grads is not None:
+                (sq0, sk0), (sq1, sk1) = (_delta_shift(torch, *a, dt) for a in dirs)
+                shifts = {"d_tq": sq0, "d_ik": sk0, "d_iq": sq1, "d_tk": sk1}
         for n, (name, o, l) in enumerate(zip(GRAD_NAMES, g, L)):
             dirn = DIRECTION[name]
             e_reg, e_ill = _split_err(torch, o, l.grad, ill[dirn], floors=floors.get(name))
