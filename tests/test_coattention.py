@@ -21,6 +21,7 @@ OP = "co_attention"
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
 BACKENDS = [pytest.param("reference", "cpu", id="reference"), pytest.param("cpu", "cpu", id="cpu"),
             pytest.param("triton", "cuda", id="triton-cuda", marks=gpu)]
+TRITON_CUDA = [p for p in BACKENDS if p.id == "triton-cuda"]
 
 
 def _require(backend, device):
@@ -356,7 +357,7 @@ def test_lengths_on_the_host():
 
 
 @pytest.mark.parametrize("pad", ["lengths", "mask"])
-@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id == "triton-cuda"])
+@pytest.mark.parametrize("backend,device", TRITON_CUDA)
 def test_cuda_call_does_not_synchronise(backend, device, pad):
     """On CUDA, forward + backward with lengths on the host (or boolean masks on the device) queue without a
     host-device synchronisation (torch's sync debug mode turns one into an error), and equal the call with
@@ -383,7 +384,7 @@ def test_cuda_call_does_not_synchronise(backend, device, pad):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id == "triton-cuda"])
+@pytest.mark.parametrize("backend,device", TRITON_CUDA)
 def test_cuda_graph_capture(backend, device):
     """A CUDA graph captures the forward with boolean key masks, and its replay on new inputs equals the eager
     call; lengths (on the host or the device) inside a capture raise a ValueError naming them."""
