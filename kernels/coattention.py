@@ -154,14 +154,15 @@ def _scores(s, start_n, n_end, klen, m_ptr, has_m, scale, scale_log2, MODE: tl.c
         biased = start_n + BLOCK_N > klen
         if HAS_MASK:
             biased = biased | has_m
+        # one-armed branch (the else value computed first): triton 3.6's software pipeliner fails on an
+        # if / else that yields a value in a loop with cp.async loads (16-bit aligned tiles, sm_90a)
+        r = s * scale_log2
         if biased:
             valid = cols < klen
             if HAS_MASK:
                 valid = valid & (tl.load(m_ptr + cols, mask=(cols < n_end) & has_m, other=1) != 0)
             bias = tl.where(valid, 0.0, -10000.0)
             r = (s * scale + _along_keys(bias, KEYS_ON_ROWS)) * 1.4426950408889634
-        else:
-            r = s * scale_log2
         if partial:
             r = tl.where(_along_keys(cols < n_end, KEYS_ON_ROWS), r, float("-inf"))
     return r

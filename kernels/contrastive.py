@@ -373,8 +373,10 @@ def block_config(kind: str, element_size: int) -> dict:
     if kind == "grad":
         # BLOCK_DO: output features per program; D > BLOCK_DO recomputes S per chunk. 256 for 16-bit
         # inputs (182 registers), 64 for fp32 (both dots tf32x3: BLOCK_DO=128 spills). 16-bit:
-        # num_stages=3 took 327 ms against 482 ms with 2 (same H200 study).
-        return dict(BLOCK_X=64, BLOCK_Y=64, BLOCK_D=bd, BLOCK_DO=256 if half else 64,
+        # num_stages=3 took 327 ms against 482 ms with 2 (same H200 study). fp32: BLOCK_Y=32 (172 to 192
+        # registers with triton 3.6 and 3.8); 64 x 64 tiles took 255 registers and spilled 72 to 184 bytes
+        # with triton 3.6, the GPU machine's version (not timed on a GPU).
+        return dict(BLOCK_X=64, BLOCK_Y=64 if half else 32, BLOCK_D=bd, BLOCK_DO=256 if half else 64,
                     num_warps=8, num_stages=3 if half else 2)
     raise ValueError(f"unknown kernel kind {kind!r}")
 

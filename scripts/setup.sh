@@ -13,6 +13,11 @@ python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.14.1 torchvision==0.29.1
 python -m pip install -q "numpy" "pytest" "ninja" "pybind11" "setuptools>=64" "wheel" \
   "diffusers" "open_clip_torch" "timm" "transformers" "matplotlib"
+# The GPU machine's triton (3.6) beside the venv's, for tests/test_aot_sm90.py: the kernels must compile
+# with its compiler passes too (it is put first on PYTHONPATH for that check only).
+if [ ! -d .venv/triton-3.6/triton ]; then
+  python -m pip install -q --no-deps --target .venv/triton-3.6 triton==3.6.0
+fi
 # nvcc: the CUDA toolkit may sit in a versioned folder that is not on PATH.
 if ! command -v nvcc >/dev/null 2>&1; then
   for d in /usr/local/cuda /usr/local/cuda-13.0 /usr/local/cuda-13; do

@@ -7,10 +7,15 @@ shared memory, wgmma, vectorised global accesses) is printed and written to
 Hopper limit (232448 B), a missing wgmma when flagged ``matmul=True``, or no 16-byte global load
 when flagged ``vectorized=True``.
 
-The compilation runs in a subprocess (``python tests/test_aot_sm90.py --worker OUT.json``) with
+The compilation runs in a subprocess (``python tests/test_aot_sm90.py --worker OUT.json REPORT``) with
 ``TRITON_INTERPRET`` removed from its environment: under the interpreter ``@triton.jit`` yields
 interpreted functions that cannot be compiled, and another test module of the same pytest session
 may have set it or imported the kernels in interpreted form.
+
+Two toolchains: the installed triton (CI's), and every other triton that ``scripts/setup.sh`` puts in
+``.venv/triton-<version>`` (the GPU machine's triton 3.6, which has its own compiler passes: its software
+pipeliner once rejected kernels that triton 3.8 compiles). The second is run with that directory first on
+``PYTHONPATH`` and reported in ``benchmarks/results/aot_sm90_triton-<version>.txt``; the same checks apply.
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 KERNELS = os.path.join(ROOT, "kernels")
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "aot_sm90.txt")
+#: extra tritons, each a ``pip install --target`` directory named triton-<version> (scripts/setup.sh)
+EXTRA_TRITONS = sorted(glob.glob(os.path.join(ROOT, ".venv", "triton-*")))
 
 
 def kernel_module_names() -> list[str]:
@@ -51,7 +58,7 @@ def import_kernel_module(name: str):
     return importlib.import_module(f"vlops.kernels.{name}")
 
 
-def _worker(out_json: str) -> int:
+def _worker(out_json: str, report_path: str) -> int:
     aot = _load_by_path("_vlops_tests_aot", os.path.join(HERE, "aot.py"))
     import triton
 
@@ -94,22 +101,25 @@ def _worker(out_json: str) -> int:
         lines.append(r.get("row") or f"{r['name']:<64} ERROR {r.get('error')}")
     table = "\n".join(lines) + "\n"
     print(table)
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
+    os.makedirs(os.path.dirname(report_path), exist_ok=True)
+    with open(report_path, "w") as f:
         f.write(table)
     with open(out_json, "w") as f:
         json.dump(results, f, indent=1)
     return 0
 
 
-@pytest.fixture(scope="module")
-def aot_results(tmp_path_factory):
+def _run_worker(tmp_path_factory, triton_dir=None):
+    """The worker's results (a list of dicts), compiled with the installed triton or, given ``triton_dir``,
+    with the triton installed there."""
     pytest.importorskip("triton")
     out = str(tmp_path_factory.mktemp("aot") / "aot.json")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", out], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1800)
+    first = [ROOT] if triton_dir is None else [triton_dir, ROOT]
+    env["PYTHONPATH"] = os.pathsep.join(first + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    report = RESULTS if triton_dir is None else RESULTS.replace(".txt", f"_{os.path.basename(triton_dir)}.txt")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", out, report], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=1800)
     print(proc.stdout)
     if proc.returncode != 0:
         pytest.fail(f"AOT worker failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
@@ -117,21 +127,43 @@ def aot_results(tmp_path_factory):
         return json.load(f)
 
 
+@pytest.fixture(scope="module")
+def aot_results(tmp_path_factory):
+    return _run_worker(tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=EXTRA_TRITONS or [None], ids=lambda p: os.path.basename(p) if p else "none")
+def aot_results_extra(request, tmp_path_factory):
+    if request.param is None:
+        pytest.skip("no extra triton in .venv/triton-<version> (scripts/setup.sh installs the GPU machine's)")
+    return _run_worker(tmp_path_factory, request.param)
+
+
 def test_every_kernel_module_has_specs():
     names = kernel_module_names()
     assert names, "no kernel modules found in kernels/"
 
 
-@pytest.mark.parametrize("module", kernel_module_names())
-def test_aot_sm90(aot_results, module):
-    mine = [r for r in aot_results if r["module"] == module]
+def _check_module(results, module):
+    mine = [r for r in results if r["module"] == module]
     assert mine, f"kernels/{module}.py exports no AOT_SPECS"
     failures = [f for r in mine for f in r["failures"]]
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("module", kernel_module_names())
+def test_aot_sm90(aot_results, module):
+    _check_module(aot_results, module)
+
+
+@pytest.mark.parametrize("module", kernel_module_names())
+def test_aot_sm90_extra_triton(aot_results_extra, module):
+    """The same specs and checks with the GPU machine's triton (see the module docstring)."""
+    _check_module(aot_results_extra, module)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        sys.exit(_worker(sys.argv[2]))
-    print(f"usage: {sys.argv[0]} --worker OUT.json", file=sys.stderr)
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        sys.exit(_worker(sys.argv[2], sys.argv[3]))
+    print(f"usage: {sys.argv[0]} --worker OUT.json REPORT.txt", file=sys.stderr)
     sys.exit(2)
