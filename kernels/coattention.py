@@ -531,11 +531,13 @@ def block_config(kind: str, element_size: int = 2, head_dim: int = 64, n_max: in
       tiles over 16..64 keys, 8 warps (4 for the smaller fp32 forward tiles), fp32 in 32-column pieces
       from head dim 64, dk / dv of fp32 in 32-column slices.
 
-    Every choice was compiled for sm_90a for head dims 32 / 64 / 128 / 256 (fp32 up to 128), long and
-    short, plain and with dropout + mode 1 + both masks, aligned or not: wgmma, no register spills, shared
-    memory under the Hopper limit (AOT_SPECS holds a subset; benchmarks/results/aot_sm90.txt lists their
-    registers and shared memory); not tuned on a GPU. fp32 inputs with head dim > 128 have no
-    configuration (their shared memory went over the limit)."""
+    Every choice was compiled for sm_90a with triton 3.6 (the GPU machine's) and 3.8 for head dims 64 / 128 /
+    256 (fp32 up to 128), long and short, aligned or not, mode 0 and 1, without masks and with both, with and
+    without dropout (480 specialisations per triton), and the branches changed by that check also at head dims
+    16 / 32 and with one mask: wgmma, no register spills, shared memory under the Hopper limit. AOT_SPECS holds a
+    subset, compiled by tests/test_aot_sm90.py with both tritons (benchmarks/results/aot_sm90*.txt list their
+    registers and shared memory). Not tuned on a GPU. fp32 inputs with head dim > 128 have no configuration
+    (their shared memory went over the limit)."""
     bd = max(16, next_pow2(max(int(head_dim), 1)))
     f32 = element_size >= 4
     short = n_max is not None and n_max <= 128
@@ -548,8 +550,9 @@ def block_config(kind: str, element_size: int = 2, head_dim: int = 64, n_max: in
         if not aligned:
             if f32:
                 cfg = dict(BLOCK_M=64, BLOCK_N=32 if bd <= 32 else 16, num_warps=8 if bd >= 128 else 4, num_stages=2)
-            else:
-                cfg = dict(BLOCK_M=64, BLOCK_N=64 if bd <= 64 else 32, num_warps=8, num_stages=2)
+            else:  # d 256: 32-key tiles spilled up to 172 B with triton 3.6
+                cfg = dict(BLOCK_M=64, BLOCK_N=64 if bd <= 64 else (32 if bd <= 128 else 16), num_warps=8,
+                           num_stages=2)
                 chunk = 64 if bd >= 256 else bd
         elif f32:
             cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
@@ -561,8 +564,8 @@ def block_config(kind: str, element_size: int = 2, head_dim: int = 64, n_max: in
             cfg = dict(BLOCK_M=128, BLOCK_N=128 if bd <= 64 and not dropout else 64, num_warps=8, num_stages=3)
     elif kind == "bwd_dq":
         if not aligned:
-            if f32:
-                cfg = dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2)
+            if f32:  # one stage: two spilled 4 to 36 B at d 128 with dropout
+                cfg = dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=1)
             else:
                 cfg = dict(BLOCK_M=64, BLOCK_N=32 if bd <= 128 else 16, num_warps=8, num_stages=2)
                 chunk = 64 if bd >= 256 else bd
@@ -571,8 +574,9 @@ def block_config(kind: str, element_size: int = 2, head_dim: int = 64, n_max: in
                 dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
         elif bd >= 256:
             cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-        elif short:
-            cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+        elif short:  # with dropout at d 128, 64 x 32 tiles and 8 warps: 64 x 64 spilled 12 to 24 B (4 or 8 warps)
+            cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2) if dropout and bd >= 128 else \
+                dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
         else:
             cfg = dict(BLOCK_M=128, BLOCK_N=32 if bd >= 128 else 64, num_warps=8, num_stages=2)
     elif kind == "bwd_dkdv":
@@ -587,15 +591,15 @@ def block_config(kind: str, element_size: int = 2, head_dim: int = 64, n_max: in
             if bd >= 128:
                 cfg = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)
                 do = 32 if dropout else 64
-            else:
-                cfg = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
+            else:  # 16 x 128 tiles: 32 x 64 spilled 96 to 630 B (triton 3.6 and 3.8)
+                cfg = dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=2)
         elif bd >= 256:
             cfg = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
             chunk, do = 64, 128
         elif short:
             cfg = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8 if bd >= 128 else 4, num_stages=2)
-        else:
-            cfg = dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)
+        else:  # 16-query tiles with dropout: 32 spilled 48 to 72 B at d 128 with triton 3.6
+            cfg = dict(BLOCK_M=16 if dropout else 32, BLOCK_N=128, num_warps=8, num_stages=2)
         cfg["BLOCK_DO"] = do
     else:
         raise ValueError(f"unknown kernel kind {kind!r}")
@@ -898,6 +902,11 @@ AOT_SPECS = [
     *[_aot_spec(kind, dt, d) for kind in _KERNELS for dt, d in (("bf16", 64), ("bf16", 128), ("fp32", 128))],
     *[_aot_spec(kind, "bf16", 128, mode=1, masks="ti", dropout=True) for kind in _KERNELS],
     *[_aot_spec(kind, "fp32", 128, mode=1, masks="ti", dropout=True) for kind in ("bwd_dq", "bwd_dkdv")],
+    # fp32 at head dim 64 (dk / dv: 16 x 128 tiles), and 16-bit dropout tiles of dq (short) and dk / dv (long)
+    _aot_spec("bwd_dkdv", "fp32", 64, dropout=True),
+    _aot_spec("bwd_dkdv", "fp32", 64, n_max=101, mode=1, masks="ti"),
+    _aot_spec("bwd_dq", "bf16", 128, n_max=101, mode=1, dropout=True),
+    _aot_spec("bwd_dkdv", "bf16", 128, dropout=True),
     # ViLBERT / VQA (Nt 16..60, Nv 37..101): 64-query tiles
     *[_aot_spec(kind, "bf16", 128, n_max=101) for kind in _KERNELS],
     _aot_spec("fwd", "bf16", 128, n_max=101, mode=1, masks="i", dropout=True),
