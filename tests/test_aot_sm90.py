@@ -28,13 +28,12 @@ import subprocess
 import sys
 
 import pytest
+from triton_worker import extra_tritons
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 KERNELS = os.path.join(ROOT, "kernels")
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "aot_sm90.txt")
-#: extra tritons, each a ``pip install --target`` directory named triton-<version> (scripts/setup.sh)
-EXTRA_TRITONS = sorted(glob.glob(os.path.join(ROOT, ".venv", "triton-*")))
 
 
 def kernel_module_names() -> list[str]:
@@ -132,7 +131,7 @@ def aot_results(tmp_path_factory):
     return _run_worker(tmp_path_factory)
 
 
-@pytest.fixture(scope="module", params=EXTRA_TRITONS or [None], ids=lambda p: os.path.basename(p) if p else "none")
+@pytest.fixture(scope="module", params=extra_tritons() or [None], ids=lambda p: os.path.basename(p) if p else "none")
 def aot_results_extra(request, tmp_path_factory):
     if request.param is None:
         pytest.skip("no extra triton in .venv/triton-<version> (scripts/setup.sh installs the GPU machine's)")

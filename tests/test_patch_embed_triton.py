@@ -515,7 +515,7 @@ def _worker(device: str, out_json: str, seed: int) -> int:
     t0 = time.perf_counter()
     results = {"cases": {}, "seed": seed}
     for c in CASES:
-        if c["gpu_only"] and device != "cuda":
+        if not triton_worker.runs_case(c, device):
             continue
         try:
             results["cases"][c["id"]] = _run_case(torch, k, c, gen, device)
@@ -525,7 +525,7 @@ def _worker(device: str, out_json: str, seed: int) -> int:
             results["cases"][c["id"]] = {"id": c["id"], "error": traceback.format_exc(limit=4) + repr(e)}
     results["bwd_cases"] = {}
     for c in BWD_CASES:
-        if c["gpu_only"] and device != "cuda":
+        if not triton_worker.runs_case(c, device):
             continue
         try:
             results["bwd_cases"][c["id"]] = _run_bwd_case(torch, k, c, gen, device)
@@ -547,9 +547,11 @@ def _worker(device: str, out_json: str, seed: int) -> int:
 # --------------------------------------------------------------------------------------------
 # pytest side (no triton import here)
 
-from triton_worker import assert_bad_inputs_ok, assert_collected_by_aot, worker_fixtures  # noqa: E402
+import triton_worker  # noqa: E402
+from triton_worker import (assert_bad_inputs_ok, assert_collected_by_aot, assert_dry_compiled,  # noqa: E402
+                           worker_fixtures)
 
-interp_results, gpu_results = worker_fixtures(__file__, "patch_embed")
+interp_results, gpu_results, dry_results = worker_fixtures(__file__, "patch_embed")
 
 
 def _check_case(res, case):
@@ -644,6 +646,13 @@ def test_gpu_bad_input(gpu_results):
 
 def test_aot_collects_patch_embed():
     assert_collected_by_aot("patch_embed")
+
+
+def test_sm90_dry_compile(dry_results):
+    """Every launch of the cases, the GPU-only ones included, compiles for sm_90a through Triton's JIT (the
+    specialisation a GPU run of the same calls gets), with the installed triton and with the GPU machine's
+    (tests/jit_dry.py); no GPU needed."""
+    assert_dry_compiled(dry_results)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,17 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_worker(script: str, tag: str, tmp_path_factory, device: str, interpret: bool) -> dict:
+def extra_tritons() -> list[str]:
+    """Other tritons to compile with besides the installed one: the ``pip install --target`` directories
+    ``.venv/triton-<version>`` (scripts/setup.sh puts the GPU machine's triton 3.6 there)."""
+    import glob
+
+    return sorted(d for d in glob.glob(os.path.join(ROOT, ".venv", "triton-*"))
+                  if os.path.isdir(os.path.join(d, "triton")))
+
+
+def run_worker(script: str, tag: str, tmp_path_factory, device: str, interpret: bool, triton_dir=None) -> dict:
+    """The worker's results; ``triton_dir``: compile with the triton installed there (first on PYTHONPATH)."""
     pytest.importorskip("triton")
     # a fresh seed per session (printed, and named in every failure message); VLOPS_TEST_SEED reruns one
     seed = int(os.environ.get("VLOPS_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
@@ -25,8 +35,10 @@ def run_worker(script: str, tag: str, tmp_path_factory, device: str, interpret: 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    print(f"\n[{tag} triton] device={device} interpret={interpret} seed={seed}")
+    first = [ROOT] if triton_dir is None else [triton_dir, ROOT]
+    env["PYTHONPATH"] = os.pathsep.join(first + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    print(f"\n[{tag} triton] device={device} interpret={interpret} seed={seed}"
+          + (f" triton from {os.path.basename(triton_dir)}" if triton_dir else ""))
     proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker", device, out, str(seed)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -38,8 +50,10 @@ def run_worker(script: str, tag: str, tmp_path_factory, device: str, interpret: 
 
 
 def worker_fixtures(script: str, tag: str):
-    """The two module-scoped fixtures of a Triton test module: interpreter results (always) and
-    compiled-GPU results (skipped without a CUDA device)."""
+    """The three module-scoped fixtures of a Triton test module: interpreter results (always), compiled-GPU
+    results (skipped without a CUDA device), and dry-run results (every launch of the worker's cases, the
+    GPU-only ones included, compiled for sm_90a without a GPU: see :func:`worker_main`), once with the installed
+    triton and once with each of :func:`extra_tritons`."""
 
     @pytest.fixture(scope="module")
     def interp_results(tmp_path_factory):
@@ -52,14 +66,60 @@ def worker_fixtures(script: str, tag: str):
             pytest.skip("no CUDA GPU")
         return run_worker(script, tag, tmp_path_factory, "cuda", interpret=False)
 
-    return interp_results, gpu_results
+    @pytest.fixture(scope="module", params=[None] + extra_tritons(),
+                    ids=lambda d: os.path.basename(d) if d else "installed-triton")
+    def dry_results(request, tmp_path_factory):
+        return run_worker(script, tag, tmp_path_factory, "sm90-dry", interpret=False, triton_dir=request.param)
+
+    return interp_results, gpu_results, dry_results
+
+
+def assert_dry_compiled(results: dict) -> None:
+    """A dry run (:func:`worker_main`, device ``sm90-dry``) compiled every launch: no case raised (the launch
+    path: argument checks, specialisation, compilation; the comparisons that follow only compute numbers, on
+    outputs nothing wrote), there were launches, and none asks for more shared memory than a Hopper block has."""
+    from jit_dry import HOPPER_SMEM_LIMIT
+
+    errors = [f"{k}: {v['error'][-1500:]}" for key, cases in results.items() if key.endswith("cases")
+              for k, v in cases.items() if isinstance(v, dict) and "error" in v]
+    assert not errors, "\n\n".join(errors)
+    assert results["launches"], "the dry run launched no kernel"
+    big = sorted({f"{r['kernel']} ({r['num_warps']} warps, {r['num_stages']} stages): {r['shared']} B"
+                  for r in results["launches"] if r["shared"] > HOPPER_SMEM_LIMIT})
+    assert not big, f"shared memory over the Hopper limit ({HOPPER_SMEM_LIMIT} B):\n" + "\n".join(big)
+
+
+#: set in a dry worker process (device "sm90-dry"): the GPU-only cases run too, their launches only compiled
+DRY = False
+
+
+def runs_case(case: dict, device: str) -> bool:
+    """Whether a worker on ``device`` runs ``case``: the GPU-only cases on CUDA and in a dry run."""
+    return not case.get("gpu_only") or device == "cuda" or DRY
 
 
 def worker_main(worker) -> int:
-    """The ``__main__`` of a Triton test module: ``python tests/<module>.py --worker cpu|cuda OUT.json SEED``."""
+    """The ``__main__`` of a Triton test module: ``python tests/<module>.py --worker cpu|cuda|sm90-dry OUT.json
+    SEED``. ``sm90-dry``: the worker's cases (the GPU-only ones included) on CPU tensors with every launch
+    compiled for sm_90a and not run (:mod:`jit_dry`); the results get ``"launches"``, one record per launch,
+    and their comparisons are meaningless (nothing is computed)."""
+    global DRY
     if len(sys.argv) == 5 and sys.argv[1] == "--worker":
-        return worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))
-    print(f"usage: {sys.argv[0]} --worker cpu|cuda OUT.json SEED", file=sys.stderr)
+        device, out_json, seed = sys.argv[2], sys.argv[3], int(sys.argv[4])
+        if device != "sm90-dry":
+            return worker(device, out_json, seed)
+        from jit_dry import dry_sm90
+
+        DRY = True
+        with dry_sm90() as launches:
+            rc = worker("cpu", out_json, seed)
+        with open(out_json) as f:
+            res = json.load(f)
+        res["launches"] = launches
+        with open(out_json, "w") as f:
+            json.dump(res, f, indent=1)
+        return rc
+    print(f"usage: {sys.argv[0]} --worker cpu|cuda|sm90-dry OUT.json SEED", file=sys.stderr)
     return 2
 
 
