@@ -356,9 +356,9 @@ def _worker(device: str, out_json: str, seed: int) -> int:
 # --------------------------------------------------------------------------------------------
 # pytest side (no triton import here)
 
-from triton_worker import assert_bad_inputs_ok, assert_dry_compiled, worker_fixtures  # noqa: E402
+from triton_worker import assert_bad_inputs_ok, worker_fixtures  # noqa: E402
 
-interp_results, gpu_results, dry_results = worker_fixtures(__file__, "diffusion")
+interp_results, gpu_results, dry_results, test_sm90_dry_compile = worker_fixtures(__file__, "diffusion")
 
 
 def _check_case(res, case):
@@ -404,12 +404,6 @@ def test_gpu(gpu_results, case):
 def test_gpu_noise_matches_philox_normal(gpu_results):
     _check_noise(gpu_results)
 
-
-def test_sm90_dry_compile(dry_results):
-    """Every launch of the cases, the GPU-only ones included, compiles for sm_90a through Triton's JIT (the
-    specialisation a GPU run of the same calls gets), with the installed triton and with the GPU machine's
-    (tests/jit_dry.py); no GPU needed."""
-    assert_dry_compiled(dry_results)
 
 
 if __name__ == "__main__":

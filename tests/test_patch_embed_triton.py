@@ -548,10 +548,9 @@ def _worker(device: str, out_json: str, seed: int) -> int:
 # pytest side (no triton import here)
 
 import triton_worker  # noqa: E402
-from triton_worker import (assert_bad_inputs_ok, assert_collected_by_aot, assert_dry_compiled,  # noqa: E402
-                           worker_fixtures)
+from triton_worker import assert_bad_inputs_ok, assert_collected_by_aot, worker_fixtures  # noqa: E402
 
-interp_results, gpu_results, dry_results = worker_fixtures(__file__, "patch_embed")
+interp_results, gpu_results, dry_results, test_sm90_dry_compile = worker_fixtures(__file__, "patch_embed")
 
 
 def _check_case(res, case):
@@ -647,12 +646,6 @@ def test_gpu_bad_input(gpu_results):
 def test_aot_collects_patch_embed():
     assert_collected_by_aot("patch_embed")
 
-
-def test_sm90_dry_compile(dry_results):
-    """Every launch of the cases, the GPU-only ones included, compiles for sm_90a through Triton's JIT (the
-    specialisation a GPU run of the same calls gets), with the installed triton and with the GPU machine's
-    (tests/jit_dry.py); no GPU needed."""
-    assert_dry_compiled(dry_results)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def worker_fixtures(script: str, tag: str):
     """The three module-scoped fixtures of a Triton test module: interpreter results (always), compiled-GPU
     results (skipped without a CUDA device), and dry-run results (every launch of the worker's cases, the
     GPU-only ones included, compiled for sm_90a without a GPU: see :func:`worker_main`), once with the installed
-    triton and once with each of :func:`extra_tritons`."""
+    triton and once with each of :func:`extra_tritons`; and the module's test of the dry runs."""
 
     @pytest.fixture(scope="module")
     def interp_results(tmp_path_factory):
@@ -71,7 +71,13 @@ def worker_fixtures(script: str, tag: str):
     def dry_results(request, tmp_path_factory):
         return run_worker(script, tag, tmp_path_factory, "sm90-dry", interpret=False, triton_dir=request.param)
 
-    return interp_results, gpu_results, dry_results
+    def test_sm90_dry_compile(dry_results):
+        """Every launch of the cases, the GPU-only ones included, compiles for sm_90a through Triton's JIT (the
+        specialisation a GPU run of the same calls gets), with the installed triton and with the GPU machine's
+        (tests/jit_dry.py); no GPU needed."""
+        assert_dry_compiled(dry_results)
+
+    return interp_results, gpu_results, dry_results, test_sm90_dry_compile
 
 
 def assert_dry_compiled(results: dict) -> None:
