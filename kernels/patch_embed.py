@@ -411,7 +411,7 @@ _INTERPRETED = type(_patch_gemm_kernel).__name__ == "InterpretedFunction"
 # ---------------------------------------------------------------------------------------------
 # launch configuration
 
-def block_config(kind: str, element_size: int = 2, D: int | None = None) -> dict:
+def block_config(kind: str, element_size: int = 2, D: int | None = None, pad: bool = False) -> dict:
     """Tile sizes and launch options per kernel kind.
 
     "gemm" (by input element size, 4 fp32 or 2 bf16 / fp16, and D): 128 x 128 output tiles, BLOCK_K 64
@@ -421,18 +421,24 @@ def block_config(kind: str, element_size: int = 2, D: int | None = None) -> dict
     stride or pointer; 64 x 64: 64..130 registers).
     "norm" (by D): the whole row in one ``BLOCK_D = next_power_of_2(D)`` block, ``ROWS`` rows per
     program (about 4096 fp32 values per program).
+    "dweight" / "dimages" (the backward GEMMs; ``pad``: H or W not a multiple of P): see below.
 
-    Chosen to compile for sm_90a with wgmma, no spills and shared memory well under the Hopper limit
-    (see AOT_SPECS / tests/test_aot_sm90.py); not tuned on a GPU."""
+    Chosen to compile for sm_90a with wgmma, no spills and shared memory well under the Hopper limit with
+    triton 3.6 and 3.8 (see AOT_SPECS / tests/test_aot_sm90.py; the GEMMs were also compiled for P 14 / 16,
+    D 768 / 1000, every layout and padding, and the row kernels for D 768 / 1000 / 1280 and every
+    LayerNorm combination, with both tritons: only the row backward with two LayerNorms without affine
+    parameters spills, 8 B with 3.6); not tuned on a GPU."""
     if kind == "gemm":
         if D is not None and D % 16:
             return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if element_size <= 2 else 32, num_warps=8, num_stages=3)
     if kind in ("dweight", "dimages"):
         # backward GEMMs; the reduction tile (dweight: BLOCK_M token rows, dimages: BLOCK_N of D) 64 (16-bit) /
-        # 32 (fp32), outputs 128 x 128 (64 x 64 when D % 16 != 0): 96 KiB of shared memory in 3 stages
+        # 32 (fp32), outputs 128 x 128 (64 x 64 when D % 16 != 0 or with padding: the padding masks of 128 x 128
+        # d_images tiles spilled 0.9 to 2.8 KB, and d_weight's up to 64 B with triton 3.6): 96 KiB of shared
+        # memory in 3 stages
         red = 64 if element_size <= 2 else 32
-        out = 64 if D is not None and D % 16 else 128
+        out = 64 if (D is not None and D % 16) or pad else 128
         if kind == "dweight":
             return dict(BLOCK_M=red, BLOCK_N=out, BLOCK_K=out, num_warps=8, num_stages=3)
         return dict(BLOCK_M=out, BLOCK_N=red, BLOCK_K=out, num_warps=8, num_stages=3)
@@ -511,8 +517,8 @@ def _check_x0(name, x0, images, M, D):
                                       if isinstance(x0, torch.Tensor) else type(x0).__name__))
 
 
-def _cfg(kind, element_size, D, blocks):
-    cfg = block_config(kind, element_size, D)
+def _cfg(kind, element_size, D, blocks, pad=False):
+    cfg = block_config(kind, element_size, D, pad)
     if blocks:
         for k, v in blocks.items():
             if k in cfg:
@@ -616,8 +622,9 @@ def patch_embed_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps,
     split_m = blocks.pop("SPLIT_M", None)
     es = images.element_size()
     cfg = _cfg("gemm", es, D, blocks)
-    wcfg = _cfg("dweight", es, D, blocks)
-    icfg = _cfg("dimages", es, D, blocks)
+    PAD = H % P != 0 or W % P != 0
+    wcfg = _cfg("dweight", es, D, blocks, PAD)
+    icfg = _cfg("dimages", es, D, blocks, PAD)
     ncfg = _cfg("norm_bwd", 4, D, {k: v for k, v in blocks.items() if k == "ROWS"})
     NP = Gh * Gw
     T = R0 + NP
@@ -635,7 +642,6 @@ def patch_embed_bwd(grad, images, weight, bias, pos, pn_weight, pn_bias, pn_eps,
     g0 = torch.empty(M, D, dtype=images.dtype, device=dev)
     x0_in = x0 if x0 is not None else (torch.empty(M, D, **f32) if norm else g0)  # g0: never read (no norm)
     s_b, s_c, s_h, s_w = images.stride()
-    PAD = H % P != 0 or W % P != 0
     # row kernel grid: (patch-row blocks, image chunks); about 1024 programs, images in order within each
     n_prog_n = cdiv(NP, ncfg["ROWS"])
     if bchunk is None:
@@ -747,7 +753,7 @@ def _aot_dweight(dtype: str, P: int = 16, layout: str = "nchw", pad: bool = Fals
                  tiles: dict | None = None):
     """The backward's d_weight GEMM (g0^T patches, reduction over token rows), as :func:`_aot_gemm`."""
     fn = _patch_dweight_kernel
-    cfg = {**block_config("dweight", _ELEM_SIZE[dtype], D), **(tiles or {})}
+    cfg = {**block_config("dweight", _ELEM_SIZE[dtype], D, pad), **(tiles or {})}
     unit = {"nchw": {"s_w": 1}, "nhwc": {"s_c": 1}, "any": {}}[layout]
     constexprs = dict(P=P, PAD=pad, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                       F32_DOT=False, **unit)
@@ -763,7 +769,7 @@ def _aot_dweight(dtype: str, P: int = 16, layout: str = "nchw", pad: bool = Fals
 def _aot_dimages(dtype: str, P: int = 16, pad: bool = False, D: int = 768):
     """The backward's d_images GEMM (g0 W scattered to the pixels of a contiguous fp32 d_images)."""
     fn = _patch_dimages_kernel
-    cfg = block_config("dimages", _ELEM_SIZE[dtype], D)
+    cfg = block_config("dimages", _ELEM_SIZE[dtype], D, pad)
     constexprs = dict(P=P, PAD=pad, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                       F32_DOT=False)
     ptrs = {"g0_ptr": dtype, "w_ptr": dtype, "dimg_ptr": "fp32"}
@@ -818,5 +824,7 @@ AOT_SPECS = [
     *[_aot_dweight(dt, P=14, layout="any", pad=True, D=1000) for dt in ("fp32", "bf16")],
     *[_aot_dimages(dt) for dt in ("fp32", "bf16", "fp16")],
     _aot_dimages("bf16", P=14, D=1024),
+    *[_aot_dimages(dt, P=16, pad=True) for dt in ("fp32", "bf16")],
+    _aot_dweight("bf16", P=14, layout="nhwc", pad=True),
     *[_aot_dimages(dt, P=14, pad=True, D=1000) for dt in ("fp32", "bf16")],
 ]
