@@ -18,7 +18,7 @@ import contextlib
 import importlib
 import sys
 
-HOPPER_SMEM_LIMIT = 232448  # bytes of shared memory one block can use on sm_90 (as tests/aot.py)
+from aot import HOPPER_SMEM_LIMIT  # noqa: F401 - bytes of shared memory one block can use on sm_90
 
 
 class _Hopper:
