@@ -13,8 +13,9 @@ python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.14.1 torchvision==0.29.1
 python -m pip install -q "numpy" "pytest" "ninja" "pybind11" "setuptools>=64" "wheel" \
   "diffusers" "open_clip_torch" "timm" "transformers" "matplotlib"
-# The GPU machine's triton (3.6) beside the venv's, for tests/test_aot_sm90.py: the kernels must compile
-# with its compiler passes too (it is put first on PYTHONPATH for that check only).
+# The GPU machine's triton (3.6) beside the venv's, for tests/test_aot_sm90.py and the dry compiles of
+# tests/test_*_triton.py: the kernels must compile with its compiler passes too (it is put first on
+# PYTHONPATH for those checks only).
 if [ ! -d .venv/triton-3.6/triton ]; then
   python -m pip install -q --no-deps --target .venv/triton-3.6 triton==3.6.0
 fi
