@@ -13,7 +13,9 @@ the "chunked" method; the reference builds ``S = scale * a @ b.T`` in float64 fr
 same (dtype-rounded) inputs and applies the contract's formulas. Bounds, relative error
 ``||out - ref|| / ||ref||``: fp32 1e-5 interpreted (numpy fp32 dots), 5e-4 compiled (tf32 in the
 ``W @ y`` dots; 1e-3 when N or M is 1, where the tf32 rounding does not average out), in both cases at least ``2**-22 * max|S|`` (the fp32 rounding of S and of the LSEs,
-amplified by exp, bounds any fp32 implementation: 2.4e-5 at |S| = 100); bf16 / fp16 1e-2. The scalar outputs (dscale, dbias, the SigLIP loss) are sums of terms of both
+amplified by exp, bounds any fp32 implementation: 2.4e-5 at |S| = 100); bf16 / fp16 1e-2, the feature
+gradients measured against ``max(|ref|, (|W| @ |y|) / 2)`` elementwise (the kernels round the pair weights W
+to the input dtype as dot operands, up to 2**-8 of each term for bf16, which a cancelling sum keeps). The scalar outputs (dscale, dbias, the SigLIP loss) are sums of terms of both
 signs, so their error is measured against the sum of the absolute terms (the quantity fp32 rounding
 scales with); likewise the LSEs are measured against ``max(|lse|, scale * max_j sum_d |a_id b_jd|)``, since
 the rounding of ``S`` scales with the sum of the absolute products, which cancellation can leave far
@@ -105,20 +107,13 @@ def _load_kernel_module():
     return importlib.import_module("vlops.kernels.contrastive")  # the installed package (kernels/ -> vlops.kernels)
 
 
-def _rel(torch, out, ref):
+def _rel_mag(torch, out, ref, mag):
+    """||out - ref|| / ||max(|ref|, mag)||: the relative error against the larger of each element and the
+    magnitude ``mag`` its rounding error scales with (``mag`` 0: the plain relative error)."""
     out = out.detach().double().cpu()
     if not torch.isfinite(out).all():
         return float("inf")
     # values below fp32's range (exp(-700) of a saturated sigmoid) count as zero: floor 1e-30
-    return (out - ref).norm().item() / max(ref.norm().item(), TINY)
-
-
-def _rel_mag(torch, out, ref, mag):
-    """||out - ref|| / ||max(|ref|, mag)||: the relative error against the larger of each element and the
-    magnitude ``mag`` its rounding error scales with."""
-    out = out.detach().double().cpu()
-    if not torch.isfinite(out).all():
-        return float("inf")
     return (out - ref).norm().item() / max(torch.maximum(ref.abs(), mag).norm().item(), TINY)
 
 
@@ -202,15 +197,20 @@ def _run_case(torch, k, c, gen, device):
     raw_abs = A.abs() @ B.abs().T
     err["row_lse"] = _rel_mag(torch, row, row_ref, s64 * raw_abs.max(1).values)
     err["col_lse"] = _rel_mag(torch, col, col_ref, s64 * raw_abs.max(0).values)
-    err["clip_da"] = _rel(torch, cda, W @ B)
-    err["clip_db"] = _rel(torch, cdb, W.T @ A)
+    # 16-bit inputs: the kernels round the pair weights (W, Ws) to the input dtype as dot operands (as flash
+    # attention rounds P), up to 2**-8 of each term for bf16, and a sum over the pairs that cancels keeps that
+    # absolute error (seed 496086627, bf16 N = 1, M = 7, D = 3: 1.08e-2 of |W b| with 1e-2 allowed): the
+    # gradients are measured against max(|ref|, half the size of their terms), elementwise, for 16-bit inputs
+    half = 0.5 if c["dtype"] != "float32" else 0.0
+    err["clip_da"] = _rel_mag(torch, cda, W @ B, half * (W.abs() @ B.abs()))
+    err["clip_db"] = _rel_mag(torch, cdb, W.T @ A, half * (W.abs().T @ A.abs()))
     # two terms per pair, each rounded at its own size: their absolute values count separately (one pair,
     # N = M = 1, can have terms of 0.13 and -0.13 whose sum is 4e-4)
     ds_r, ds_c = R * (raw - ctr_r[:, None]), Cc * (raw - ctr_c[None, :])
     err["clip_dscale"] = _rel_scalar(torch, cds, (ds_r + ds_c).sum(), (ds_r.abs() + ds_c.abs()).sum().item())
     err["sig_loss"] = _rel_scalar(torch, loss, sp.sum(), sp.abs().sum().item())
-    err["sig_da"] = _rel(torch, sda, Ws @ B)
-    err["sig_db"] = _rel(torch, sdb, Ws.T @ A)
+    err["sig_da"] = _rel_mag(torch, sda, Ws @ B, half * (Ws.abs() @ B.abs()))
+    err["sig_db"] = _rel_mag(torch, sdb, Ws.T @ A, half * (Ws.abs().T @ A.abs()))
     err["sig_dscale"] = _rel_scalar(torch, sds, (Ws * raw).sum(), (Ws.abs() * raw_abs).sum().item())
     err["sig_dbias"] = _rel_scalar(torch, sdbias, Ws.sum(), Ws.abs().sum().item())
     return res
