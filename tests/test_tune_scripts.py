@@ -46,15 +46,28 @@ def test_patch_embed_tune_smoke():
     assert out.count("op forward") == 2 and out.count("op backward") == 2
 
 
+def _run_compiled(args):
+    """stdout of a script run without the interpreter (its kernels compiled for sm_90a); fails on rc != 0."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
 @pytest.mark.parametrize("script", ["benchmarks/coattention_tune.py", "benchmarks/patch_embed_tune.py"])
 def test_tune_candidates_compile_for_sm90(script):
     """Every tile candidate of the study compiles for sm_90a with wgmma, no spills and shared memory within
     the Hopper limit (the study's ``--aot``: no GPU time is spent on configurations that cannot be fast)."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    proc = subprocess.run([sys.executable, script, "--aot"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
-    rows = [r for r in proc.stdout.splitlines()[1:] if r.strip()]
-    assert len(rows) >= 20 and all(" yes " in r for r in rows), proc.stdout[-6000:]
+    out = _run_compiled([script, "--aot"])
+    rows = [r for r in out.splitlines()[1:] if r.strip()]
+    assert len(rows) >= 20 and all(" yes " in r for r in rows), out[-6000:]
+
+
+def test_aot_sweep_smoke():
+    """benchmarks/aot_sweep.py builds its grids and compiles (here the first two of each op's) with the checks
+    of tests/test_aot_sm90.py; the whole sweep is a half-hour run."""
+    out = _run_compiled(["benchmarks/aot_sweep.py", "--limit", "2", "--jobs", "2"])
+    for op in ("coattention", "patch_embed", "contrastive"):
+        assert f"{op}: 2 compiled, 0 failed" in out, out
