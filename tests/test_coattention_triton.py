@@ -706,7 +706,6 @@ def test_aot_collects_coattention():
     assert_collected_by_aot("coattention")
 
 
-
 if __name__ == "__main__":
     from triton_worker import worker_main
 

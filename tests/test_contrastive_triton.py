@@ -304,7 +304,6 @@ def test_aot_collects_contrastive():
     assert_collected_by_aot("contrastive")
 
 
-
 if __name__ == "__main__":
     from triton_worker import worker_main
 

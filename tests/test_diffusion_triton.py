@@ -405,7 +405,6 @@ def test_gpu_noise_matches_philox_normal(gpu_results):
     _check_noise(gpu_results)
 
 
-
 if __name__ == "__main__":
     from triton_worker import worker_main
 

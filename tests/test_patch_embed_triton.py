@@ -647,7 +647,6 @@ def test_aot_collects_patch_embed():
     assert_collected_by_aot("patch_embed")
 
 
-
 if __name__ == "__main__":
     from triton_worker import worker_main
 
