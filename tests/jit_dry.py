@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import sys
 
 from aot import HOPPER_SMEM_LIMIT  # noqa: F401 - bytes of shared memory one block can use on sm_90
 
@@ -39,10 +38,6 @@ class _Hopper:
         return True
 
 
-def _kernel_modules():
-    return [m for name, m in list(sys.modules.items()) if name.startswith("vlops.kernels.") and m is not None]
-
-
 @contextlib.contextmanager
 def dry_sm90():
     """Yields a list that receives one dict per launch: ``{"kernel", "shared", "num_warps", "num_stages"}``
@@ -50,8 +45,8 @@ def dry_sm90():
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    for name in ("coattention", "contrastive", "patch_embed", "diffusion_step"):
-        importlib.import_module(f"vlops.kernels.{name}")
+    modules = [importlib.import_module(f"vlops.kernels.{name}")
+               for name in ("coattention", "contrastive", "patch_embed", "diffusion_step")]
     launches = []
     orig_run = JITFunction.run
 
@@ -63,7 +58,7 @@ def dry_sm90():
         return kernel
 
     patched = []
-    for mod in _kernel_modules():
+    for mod in modules:
         check = getattr(mod, "_check_float_input", None)
         if check is not None:
             patched.append((mod, "_check_float_input", check))

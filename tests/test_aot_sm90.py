@@ -28,7 +28,7 @@ import subprocess
 import sys
 
 import pytest
-from triton_worker import extra_tritons
+from triton_worker import extra_tritons, subprocess_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -113,9 +113,7 @@ def _run_worker(tmp_path_factory, triton_dir=None):
     with the triton installed there."""
     pytest.importorskip("triton")
     out = str(tmp_path_factory.mktemp("aot") / "aot.json")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    first = [ROOT] if triton_dir is None else [triton_dir, ROOT]
-    env["PYTHONPATH"] = os.pathsep.join(first + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = subprocess_env(False, triton_dir)
     report = RESULTS if triton_dir is None else RESULTS.replace(".txt", f"_{os.path.basename(triton_dir)}.txt")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", out, report], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=1800)

@@ -10,16 +10,18 @@ import subprocess
 import sys
 
 import pytest
+from triton_worker import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(args, timeout=600):
+def _run(args, interpret=True, timeout=600):
+    """stdout of ``python *args`` in the checkout, under the Triton interpreter or (``interpret=False``) with its
+    kernels compiled for sm_90a; fails on a non-zero exit."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=subprocess_env(interpret), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-5000:]
     return proc.stdout
 
 
@@ -46,21 +48,11 @@ def test_patch_embed_tune_smoke():
     assert out.count("op forward") == 2 and out.count("op backward") == 2
 
 
-def _run_compiled(args):
-    """stdout of a script run without the interpreter (its kernels compiled for sm_90a); fails on rc != 0."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
-    return proc.stdout
-
-
 @pytest.mark.parametrize("script", ["benchmarks/coattention_tune.py", "benchmarks/patch_embed_tune.py"])
 def test_tune_candidates_compile_for_sm90(script):
     """Every tile candidate of the study compiles for sm_90a with wgmma, no spills and shared memory within
     the Hopper limit (the study's ``--aot``: no GPU time is spent on configurations that cannot be fast)."""
-    out = _run_compiled([script, "--aot"])
+    out = _run([script, "--aot"], interpret=False, timeout=900)
     rows = [r for r in out.splitlines()[1:] if r.strip()]
     assert len(rows) >= 20 and all(" yes " in r for r in rows), out[-6000:]
 
@@ -68,6 +60,6 @@ def test_tune_candidates_compile_for_sm90(script):
 def test_aot_sweep_smoke():
     """benchmarks/aot_sweep.py builds its grids and compiles (here the first two of each op's) with the checks
     of tests/test_aot_sm90.py; the whole sweep is a half-hour run."""
-    out = _run_compiled(["benchmarks/aot_sweep.py", "--limit", "2", "--jobs", "2"])
+    out = _run(["benchmarks/aot_sweep.py", "--limit", "2", "--jobs", "2"], interpret=False, timeout=900)
     for op in ("coattention", "patch_embed", "contrastive"):
         assert f"{op}: 2 compiled, 0 failed" in out, out

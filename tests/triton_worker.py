@@ -26,17 +26,24 @@ def extra_tritons() -> list[str]:
                   if os.path.isdir(os.path.join(d, "triton")))
 
 
+def subprocess_env(interpret: bool, triton_dir=None) -> dict:
+    """The environment of a test subprocess: ``TRITON_INTERPRET=1`` only when ``interpret``, the checkout first on
+    ``PYTHONPATH`` (and before it ``triton_dir``, a directory with another triton installed, when given)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    first = [ROOT] if triton_dir is None else [triton_dir, ROOT]
+    env["PYTHONPATH"] = os.pathsep.join(first + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
 def run_worker(script: str, tag: str, tmp_path_factory, device: str, interpret: bool, triton_dir=None) -> dict:
     """The worker's results; ``triton_dir``: compile with the triton installed there (first on PYTHONPATH)."""
     pytest.importorskip("triton")
     # a fresh seed per session (printed, and named in every failure message); VLOPS_TEST_SEED reruns one
     seed = int(os.environ.get("VLOPS_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     out = str(tmp_path_factory.mktemp(f"{tag}_triton_{device}") / "results.json")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    first = [ROOT] if triton_dir is None else [triton_dir, ROOT]
-    env["PYTHONPATH"] = os.pathsep.join(first + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = subprocess_env(interpret, triton_dir)
     print(f"\n[{tag} triton] device={device} interpret={interpret} seed={seed}"
           + (f" triton from {os.path.basename(triton_dir)}" if triton_dir else ""))
     proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker", device, out, str(seed)],
