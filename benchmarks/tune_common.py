@@ -61,15 +61,12 @@ def aot_check(specs) -> int:
     print(aot.AotReport.header())
     bad = 0
     for spec in specs:
-        try:
-            rep = aot.report(spec)
-        except Exception as e:  # noqa: BLE001 - reported per candidate
-            print(f"{spec['name']:<64} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
-            bad += 1
-            continue
-        fails = aot.check(rep, matmul=bool(spec.get("matmul", True)))
+        rep, fails = aot.check_spec(spec)
         bad += bool(fails)
-        print(rep.row() + ("  " + "; ".join(fails) if fails else ""), flush=True)
+        if rep is None:
+            print(f"{spec['name']:<64} FAILED: {fails[0].splitlines()[0][:160]}", flush=True)
+        else:
+            print(rep.row() + ("  " + "; ".join(fails) if fails else ""), flush=True)
     return bad
 
 

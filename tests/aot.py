@@ -201,3 +201,17 @@ def check(rep: AotReport, matmul: bool = False) -> list[str]:
     if matmul and not rep.has_wgmma:
         bad.append(f"{rep.name}: matmul kernel without wgmma in its PTX")
     return bad
+
+
+def check_spec(spec: dict, capability: int = 90):
+    """``(report, failures)`` of one spec: :func:`report` and :func:`check` with the spec's flags (``matmul``:
+    wgmma required; ``vectorized``: a 16-byte global load required); a spec that does not compile gives
+    ``(None, [its error])``."""
+    try:
+        rep = report(spec, capability)
+    except Exception as e:  # noqa: BLE001 - a compile failure is a result
+        return None, [f"{spec['name']}: compile failed: {e!r}"]
+    fails = check(rep, matmul=bool(spec.get("matmul", False)))
+    if spec.get("vectorized") and rep.ld_global_v4 == 0:
+        fails.append(f"{rep.name}: flagged vectorized but no ld.global.v4 in the PTX")
+    return rep, fails

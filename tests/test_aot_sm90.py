@@ -71,17 +71,12 @@ def _worker(out_json: str, report_path: str) -> int:
             continue
         for spec in specs:
             entry = {"module": modname, "name": spec["name"]}
-            try:
-                rep = aot.report(spec)
+            rep, entry["failures"] = aot.check_spec(spec)
+            if rep is None:
+                entry["error"] = entry["failures"][0]
+            else:
                 entry.update({k: v for k, v in rep.__dict__.items() if k not in ("ptx", "ptxas_log")})
                 entry["row"] = rep.row()
-                fails = aot.check(rep, matmul=bool(spec.get("matmul", False)))
-                if spec.get("vectorized") and rep.ld_global_v4 == 0:
-                    fails.append(f"{rep.name}: flagged vectorized but no ld.global.v4 in the PTX")
-                entry["failures"] = fails
-            except Exception as e:
-                entry["error"] = repr(e)
-                entry["failures"] = [f"{spec['name']}: compile failed: {e!r}"]
             results.append(entry)
 
     ptxas = aot._ptxas_path(90)
