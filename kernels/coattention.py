@@ -636,56 +636,73 @@ def _as_i32(x: int) -> int:
 
 
 def _validate(tq, tk, tv, iq, ik, iv, t_len, i_len, t_mask, i_mask, scale, mask_mode, dropout_p, seed):
-    """Checks every forward argument (ValueError naming it); returns (B, Nt, Nv, H, d)."""
+    """Checks every forward argument (ValueError naming it); returns (B, Nt, Nv, H, d). Plain ``if`` tests,
+    messages formatted only on failure: this runs on every launch."""
     import torch
 
-    for name, t in (("tq", tq), ("tk", tk), ("tv", tv), ("iq", iq), ("ik", ik), ("iv", iv)):
-        _check(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        _check(t.dim() == 4, lambda: f"{name} must be 4-D [B, N, H, d], got shape {tuple(t.shape)}")
+    ts = (("tq", tq), ("tk", tk), ("tv", tv), ("iq", iq), ("ik", ik), ("iv", iv))
+    for name, t in ts:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, N, H, d], got shape {tuple(t.shape)}")
     _check_float_input("tq", tq, "B, N, H, d", _INTERPRETED)
     B, Nt, H, d = tq.shape
     Nv = iq.shape[1]
-    _check(B >= 1 and Nt >= 1 and H >= 1 and d >= 1,
-           lambda: f"tq must have B, Nt, H, d >= 1, got shape {tuple(tq.shape)}")
-    _check(Nv >= 1, lambda: f"iq must have Nv >= 1, got shape {tuple(iq.shape)}")
-    _check(d <= 256, lambda: f"tq: head dim d must be <= 256 for the Triton kernels, got {d}")
-    _check(d <= 128 or tq.element_size() <= 2,
-           lambda: f"tq: head dim d must be <= 128 for float32 inputs in the Triton kernels, got {d}")
-    _check(B * H <= 65535, lambda: f"tq: B * H must be <= 65535 (grid axis 1), got {B} * {H}")
-    for name, t, shape in (("tk", tk, (B, Nt, H, d)), ("tv", tv, (B, Nt, H, d)), ("iq", iq, (B, Nv, H, d)),
-                           ("ik", ik, (B, Nv, H, d)), ("iv", iv, (B, Nv, H, d))):
-        _check(tuple(t.shape) == shape, lambda: f"{name} must have shape {shape} ([B, N, H, d] of tq / iq), got "
-                                        f"{tuple(t.shape)}")
-        _check(t.dtype == tq.dtype, lambda: f"{name} must have the dtype of tq ({tq.dtype}), got {t.dtype}")
-        _check(t.device == tq.device, lambda: f"{name} must be on {tq.device} (tq), got {t.device}")
-    for name, t in (("tq", tq), ("tk", tk), ("tv", tv), ("iq", iq), ("ik", ik), ("iv", iv)):
+    if not (B >= 1 and Nt >= 1 and H >= 1 and d >= 1):
+        raise ValueError(f"tq must have B, Nt, H, d >= 1, got shape {tuple(tq.shape)}")
+    if Nv < 1:
+        raise ValueError(f"iq must have Nv >= 1, got shape {tuple(iq.shape)}")
+    if d > 256:
+        raise ValueError(f"tq: head dim d must be <= 256 for the Triton kernels, got {d}")
+    if d > 128 and tq.element_size() > 2:
+        raise ValueError(f"tq: head dim d must be <= 128 for float32 inputs in the Triton kernels, got {d}")
+    if B * H > 65535:
+        raise ValueError(f"tq: B * H must be <= 65535 (grid axis 1), got {B} * {H}")
+    dt, dev = tq.dtype, tq.device
+    t_shape, i_shape = (B, Nt, H, d), (B, Nv, H, d)
+    for (name, t), shape in zip(ts, (t_shape,) * 3 + (i_shape,) * 3):
+        if t.shape != shape:
+            raise ValueError(f"{name} must have shape {shape} ([B, N, H, d] of tq / iq), got {tuple(t.shape)}")
+        if t.dtype != dt:
+            raise ValueError(f"{name} must have the dtype of tq ({dt}), got {t.dtype}")
+        if t.device != dev:
+            raise ValueError(f"{name} must be on {dev} (tq), got {t.device}")
         st = t.stride()
-        _check(st[3] == 1 or d == 1, lambda: f"{name} must have stride(-1) == 1, got strides {st}")
-        _check(min(st) >= 0, lambda: f"{name} must have non-negative strides, got {st}")
-        extent = (t.shape[1] - 1) * st[1] + (H - 1) * st[2] + d
-        _check(extent < 2**31 and BLOCK_TOKEN_LIMIT * st[1] < 2**31,
-               lambda: f"{name}: the elements of one batch entry must span < 2**31 (token / head strides {st})")
-    for name, t, n in (("t_len", t_len, Nt), ("i_len", i_len, Nv)):
-        _check(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        _check(t.dtype == torch.int32 and tuple(t.shape) == (B,),
-               lambda: f"{name} must be an int32 tensor of shape ({B},), got {t.dtype} {tuple(t.shape)}")
-        _check(t.device == tq.device, lambda: f"{name} must be on {tq.device} (tq), got {t.device}")
-        _check(t.is_contiguous(), lambda: f"{name} must be contiguous")
+        if st[3] != 1 and d != 1:
+            raise ValueError(f"{name} must have stride(-1) == 1, got strides {st}")
+        if min(st) < 0:
+            raise ValueError(f"{name} must have non-negative strides, got {st}")
+        if (t.shape[1] - 1) * st[1] + (H - 1) * st[2] + d >= 2**31 or BLOCK_TOKEN_LIMIT * st[1] >= 2**31:
+            raise ValueError(f"{name}: the elements of one batch entry must span < 2**31 (token / head strides {st})")
+    for name, t in (("t_len", t_len), ("i_len", i_len)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.int32 or t.shape != (B,):
+            raise ValueError(f"{name} must be an int32 tensor of shape ({B},), got {t.dtype} {tuple(t.shape)}")
+        if t.device != dev:
+            raise ValueError(f"{name} must be on {dev} (tq), got {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
     for name, t, n in (("t_mask", t_mask, Nt), ("i_mask", i_mask, Nv)):
         if t is None:
             continue
-        _check(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        _check(t.dtype == torch.bool and tuple(t.shape) == (B, n),
-               lambda: f"{name} must be a bool tensor of shape ({B}, {n}), got {t.dtype} {tuple(t.shape)}")
-        _check(t.device == tq.device, lambda: f"{name} must be on {tq.device} (tq), got {t.device}")
-        _check(t.is_contiguous(), lambda: f"{name} must be contiguous")
-    _check(isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(float(scale)),
-           lambda: f"scale must be a finite float, got {scale!r}")
-    _check(_is_int(mask_mode) and mask_mode in (0, 1),
-           lambda: f"mask_mode must be 0 (zero) or 1 (vilbert), got {mask_mode!r}")
-    _check(isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, bool) and 0.0 <= float(dropout_p) < 1.0,
-           lambda: f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    _check(_is_int(seed) and 0 <= seed < 2**63, lambda: f"seed must be an int in [0, 2**63), got {seed!r}")
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.dtype != torch.bool or t.shape != (B, n):
+            raise ValueError(f"{name} must be a bool tensor of shape ({B}, {n}), got {t.dtype} {tuple(t.shape)}")
+        if t.device != dev:
+            raise ValueError(f"{name} must be on {dev} (tq), got {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(float(scale))):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    if not (_is_int(mask_mode) and mask_mode in (0, 1)):
+        raise ValueError(f"mask_mode must be 0 (zero) or 1 (vilbert), got {mask_mode!r}")
+    if not (isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, bool) and 0.0 <= float(dropout_p) < 1.0):
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if not (_is_int(seed) and 0 <= seed < 2**63):
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     return B, Nt, Nv, H, d
 
 
@@ -812,11 +829,16 @@ def _validate_bwd(t_dout, i_dout, t_out, i_out, t_lse, i_lse, B, Nt, Nv, H, d, d
                                ("t_out", t_out, (B, Nt, H, d), dtype), ("i_out", i_out, (B, Nv, H, d), dtype),
                                ("t_lse", t_lse, (B, H, Nt), torch.float32),
                                ("i_lse", i_lse, (B, H, Nv), torch.float32)):
-        _check(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        _check(tuple(t.shape) == shape, lambda: f"{name} must have shape {shape}, got {tuple(t.shape)}")
-        _check(t.dtype == dt, lambda: f"{name} must have dtype {dt}, got {t.dtype}")
-        _check(t.device == device, lambda: f"{name} must be on {device} (tq), got {t.device}")
-        _check(t.is_contiguous(), lambda: f"{name} must be contiguous")
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.dtype != dt:
+            raise ValueError(f"{name} must have dtype {dt}, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} must be on {device} (tq), got {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
 
 
 def co_attention_bwd(t_dout, i_dout, tq, tk, tv, iq, ik, iv, t_out, i_out, t_lse, i_lse, t_len, i_len, t_mask,

@@ -81,7 +81,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
             raise ValueError(f"labels must have shape [{a.shape[0]}], got {tuple(labels.shape)}")
         V.same_device(a, "image_features", labels=labels)
         labels = labels.long()
-    loss = _op.clip_loss_op(a, b, scale, labels, eps)[0]
+    loss = _op.clip_loss(a, b, scale, labels, eps)[0]
     if logit_bias is not None:
         bias = _scalar(logit_bias, "logit_bias", a)
         loss = loss + 0.0 * bias.sum()  # the bias cancels; this keeps it in the graph (zero gradient)
@@ -101,7 +101,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     a, b = _features(image_features, text_features, same_n=False)
     scale = _scalar(logit_scale, "logit_scale", a)
     bias = _scalar(0.0 if logit_bias is None else logit_bias, "logit_bias", a)
-    return _op.siglip_loss_op(a, b, scale, bias, V.boolean(negative_only, "negative_only"))
+    return _op.siglip_loss(a, b, scale, bias, V.boolean(negative_only, "negative_only"))
 
 
 def zero_shot_classify(image_features: torch.Tensor, class_embeddings: torch.Tensor, logit_scale, *,

@@ -90,7 +90,7 @@ from typing import Optional
 import torch
 
 from .. import _backends
-from . import eager_autograd
+from . import direct_call, eager_autograd
 from ..reference.coattention import check_lengths_range, dropout_keep
 
 OP = "co_attention"
@@ -245,8 +245,7 @@ def _mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if mask is None else mask.to(torch.bool).contiguous()
 
 
-@torch.library.custom_op("vlops::co_attention", mutates_args=())
-def co_attention_op(tq: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor, iq: torch.Tensor, ik: torch.Tensor,
+def _co_attention_fwd(tq: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor, iq: torch.Tensor, ik: torch.Tensor,
                     iv: torch.Tensor, t_len: Optional[torch.Tensor], i_len: Optional[torch.Tensor],
                     t_mask: Optional[torch.Tensor], i_mask: Optional[torch.Tensor], scale: float, mask_mode: int,
                     dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -266,6 +265,9 @@ def co_attention_op(tq: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor, iq: to
     return t_out, i_out, t_lse, i_lse
 
 
+co_attention_op = torch.library.custom_op("vlops::co_attention", _co_attention_fwd, mutates_args=())
+
+
 @co_attention_op.register_fake
 def _(tq, tk, tv, iq, ik, iv, t_len, i_len, t_mask, i_mask, scale, mask_mode, dropout_p, seed):
     B, Nt, H, d = tq.shape
@@ -275,8 +277,7 @@ def _(tq, tk, tv, iq, ik, iv, t_len, i_len, t_mask, i_mask, scale, mask_mode, dr
             tq.new_empty((B, H, Nv), dtype=ldt))
 
 
-@torch.library.custom_op("vlops::co_attention_backward", mutates_args=())
-def co_attention_backward_op(t_dout: torch.Tensor, i_dout: torch.Tensor, tq: torch.Tensor, tk: torch.Tensor,
+def _co_attention_bwd(t_dout: torch.Tensor, i_dout: torch.Tensor, tq: torch.Tensor, tk: torch.Tensor,
                              tv: torch.Tensor, iq: torch.Tensor, ik: torch.Tensor, iv: torch.Tensor,
                              t_out: torch.Tensor, i_out: torch.Tensor, t_lse: torch.Tensor, i_lse: torch.Tensor,
                              t_len: Optional[torch.Tensor], i_len: Optional[torch.Tensor],
@@ -299,6 +300,11 @@ def co_attention_backward_op(t_dout: torch.Tensor, i_dout: torch.Tensor, tq: tor
     return tuple(g.contiguous() for g in grads)
 
 
+co_attention_backward_op = torch.library.custom_op("vlops::co_attention_backward", _co_attention_bwd,
+                                                   mutates_args=())
+_co_attention_backward = direct_call(co_attention_backward_op, _co_attention_bwd)
+
+
 @co_attention_backward_op.register_fake
 def _(t_dout, i_dout, tq, tk, tv, iq, ik, iv, t_out, i_out, t_lse, i_lse, t_len, i_len, t_mask, i_mask, scale,
       mask_mode, dropout_p, seed):
@@ -317,10 +323,10 @@ def _backward(ctx, g_t, g_i, _g_tlse, _g_ilse):
     tq, tk, tv, iq, ik, iv, t_out, i_out, t_lse, i_lse, t_len, i_len, t_mask, i_mask = ctx.saved_tensors
     g_t = torch.zeros_like(t_out) if g_t is None else g_t
     g_i = torch.zeros_like(i_out) if g_i is None else g_i
-    grads = co_attention_backward_op(g_t, g_i, tq, tk, tv, iq, ik, iv, t_out, i_out, t_lse, i_lse, t_len, i_len,
+    grads = _co_attention_backward(g_t, g_i, tq, tk, tv, iq, ik, iv, t_out, i_out, t_lse, i_lse, t_len, i_len,
                                      t_mask, i_mask, *ctx.args)
     return (*grads, None, None, None, None, None, None, None, None)
 
 
 co_attention_op.register_autograd(_backward, setup_context=_setup)
-co_attention = eager_autograd(co_attention_op, _setup, _backward)  # what vlops.co_attention calls
+co_attention = eager_autograd(co_attention_op, _setup, _backward, _co_attention_fwd)  # what vlops.co_attention calls

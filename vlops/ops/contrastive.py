@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 
 from .. import _backends
+from . import direct_call, eager_autograd
 
 OP = "contrastive"
 
@@ -145,8 +146,7 @@ def _targets(a32, b32, labels: Optional[torch.Tensor], eps: float):
     return t_row, t_col
 
 
-@torch.library.custom_op("vlops::clip_loss", mutates_args=())
-def clip_loss_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, labels: Optional[torch.Tensor],
+def _clip_loss_fwd(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, labels: Optional[torch.Tensor],
                  label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss [] fp32, row_lse [N], col_lse [N]). The bias cancels in the loss (targets sum to one)."""
     row_lse, col_lse = _kernel("contrastive_lse", a.device)(a, b, scale)
@@ -162,6 +162,9 @@ def clip_loss_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, labels: 
     return loss.float(), row_lse, col_lse
 
 
+clip_loss_op = torch.library.custom_op("vlops::clip_loss", _clip_loss_fwd, mutates_args=())
+
+
 @clip_loss_op.register_fake
 def _(a, b, scale, labels, label_smoothing):
     dt = torch.float64 if a.dtype == torch.float64 else torch.float32
@@ -169,8 +172,7 @@ def _(a, b, scale, labels, label_smoothing):
         (b.shape[0],), dtype=dt)
 
 
-@torch.library.custom_op("vlops::clip_loss_backward", mutates_args=())
-def clip_loss_backward_op(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+def _clip_loss_bwd(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                           row_lse: torch.Tensor, col_lse: torch.Tensor, labels: Optional[torch.Tensor],
                           label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     N = a.shape[0]
@@ -193,6 +195,10 @@ def clip_loss_backward_op(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, 
     return da.to(a.dtype), db.to(b.dtype), dscale.to(scale.dtype).reshape(scale.shape)
 
 
+clip_loss_backward_op = torch.library.custom_op("vlops::clip_loss_backward", _clip_loss_bwd, mutates_args=())
+_clip_loss_backward = direct_call(clip_loss_backward_op, _clip_loss_bwd)
+
+
 @clip_loss_backward_op.register_fake
 def _(grad, a, b, scale, row_lse, col_lse, labels, label_smoothing):
     return torch.empty_like(a), torch.empty_like(b), torch.empty_like(scale)
@@ -202,24 +208,28 @@ def _clip_setup(ctx, inputs, output):
     a, b, scale, labels, eps = inputs
     _, row_lse, col_lse = output
     ctx.save_for_backward(a, b, scale, row_lse, col_lse, labels)
+    ctx.mark_non_differentiable(row_lse, col_lse)
     ctx.eps = eps
 
 
 def _clip_backward(ctx, grad_loss, _g_row, _g_col):
     a, b, scale, row_lse, col_lse, labels = ctx.saved_tensors
-    da, db, dscale = clip_loss_backward_op(grad_loss, a, b, scale, row_lse, col_lse, labels, ctx.eps)
+    da, db, dscale = _clip_loss_backward(grad_loss, a, b, scale, row_lse, col_lse, labels, ctx.eps)
     return da, db, dscale, None, None
 
 
 clip_loss_op.register_autograd(_clip_backward, setup_context=_clip_setup)
+clip_loss = eager_autograd(clip_loss_op, _clip_setup, _clip_backward, _clip_loss_fwd)  # what vlops.clip_loss calls
 
 
 # ------------------------------------------------------------------ SigLIP
-@torch.library.custom_op("vlops::siglip_loss", mutates_args=())
-def siglip_loss_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+def _siglip_loss_fwd(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                    negative_only: bool) -> torch.Tensor:
     s = _kernel("siglip_fwd", a.device)(a, b, scale, bias, negative_only)
     return (s[0] / a.shape[0]).float()
+
+
+siglip_loss_op = torch.library.custom_op("vlops::siglip_loss", _siglip_loss_fwd, mutates_args=())
 
 
 @siglip_loss_op.register_fake
@@ -227,8 +237,7 @@ def _(a, b, scale, bias, negative_only):
     return a.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("vlops::siglip_loss_backward", mutates_args=())
-def siglip_loss_backward_op(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+def _siglip_loss_bwd(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                             bias: torch.Tensor, negative_only: bool
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     ka, kb, ks, kbias = _kernel("siglip_bwd", a.device)(a, b, scale, bias, negative_only)
@@ -237,6 +246,10 @@ def siglip_loss_backward_op(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     gs = g * scale.to(dt)
     return ka.mul_(gs).to(a.dtype), kb.mul_(gs).to(b.dtype), (g * ks).to(scale.dtype).reshape(
         scale.shape), (g * kbias).to(bias.dtype).reshape(bias.shape)
+
+
+siglip_loss_backward_op = torch.library.custom_op("vlops::siglip_loss_backward", _siglip_loss_bwd, mutates_args=())
+_siglip_loss_backward = direct_call(siglip_loss_backward_op, _siglip_loss_bwd)
 
 
 @siglip_loss_backward_op.register_fake
@@ -252,11 +265,12 @@ def _siglip_setup(ctx, inputs, output):
 
 def _siglip_backward(ctx, grad):
     a, b, scale, bias = ctx.saved_tensors
-    da, db, dscale, dbias = siglip_loss_backward_op(grad, a, b, scale, bias, ctx.negative_only)
+    da, db, dscale, dbias = _siglip_loss_backward(grad, a, b, scale, bias, ctx.negative_only)
     return da, db, dscale, dbias, None
 
 
 siglip_loss_op.register_autograd(_siglip_backward, setup_context=_siglip_setup)
+siglip_loss = eager_autograd(siglip_loss_op, _siglip_setup, _siglip_backward, _siglip_loss_fwd)  # vlops.siglip_loss
 
 
 # ------------------------------------------------------------------ zero-shot

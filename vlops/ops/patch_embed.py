@@ -94,7 +94,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backends
-from . import eager_autograd
+from . import direct_call, eager_autograd
 
 OP = "patch_embed"
 
@@ -181,8 +181,7 @@ def _saves_x0(save_x0: bool, use_pn: bool, use_ln: bool) -> bool:
     return bool(save_x0) and (bool(use_pn) or bool(use_ln))
 
 
-@torch.library.custom_op("vlops::patch_embed", mutates_args=())
-def patch_embed_op(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def _patch_embed_fwd(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    prefix: Optional[torch.Tensor], pos: Optional[torch.Tensor], pn_weight: Optional[torch.Tensor],
                    pn_bias: Optional[torch.Tensor], pn_eps: float, use_pn: bool, ln_weight: Optional[torch.Tensor],
                    ln_bias: Optional[torch.Tensor], ln_eps: float, use_ln: bool,
@@ -209,6 +208,9 @@ def patch_embed_op(images: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     if R0:
         out[:, :R0].copy_(prefix)  # one kernel: the broadcast copy rounds to out.dtype as it goes
     return out, x0
+
+
+patch_embed_op = torch.library.custom_op("vlops::patch_embed", _patch_embed_fwd, mutates_args=())
 
 
 @patch_embed_op.register_fake
@@ -306,8 +308,7 @@ def _bwd_kernel(device: torch.device):
     return fn or _ref_patch_embed_bwd
 
 
-@torch.library.custom_op("vlops::patch_embed_backward", mutates_args=())
-def patch_embed_backward_op(grad: torch.Tensor, images: torch.Tensor, weight: torch.Tensor,
+def _patch_embed_bwd(grad: torch.Tensor, images: torch.Tensor, weight: torch.Tensor,
                             bias: Optional[torch.Tensor], prefix: Optional[torch.Tensor], pos: Optional[torch.Tensor],
                             pn_weight: Optional[torch.Tensor], pn_bias: Optional[torch.Tensor], pn_eps: float,
                             use_pn: bool, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
@@ -338,6 +339,10 @@ def patch_embed_backward_op(grad: torch.Tensor, images: torch.Tensor, weight: to
     return [t for t in out if t is not None]
 
 
+patch_embed_backward_op = torch.library.custom_op("vlops::patch_embed_backward", _patch_embed_bwd, mutates_args=())
+_patch_embed_backward = direct_call(patch_embed_backward_op, _patch_embed_bwd)
+
+
 @patch_embed_backward_op.register_fake
 def _(grad, images, weight, bias, prefix, pos, pn_weight, pn_bias, pn_eps, use_pn, ln_weight, ln_bias, ln_eps,
       use_ln, needs, x0=None):
@@ -366,11 +371,11 @@ def _backward(ctx, grad, _grad_x0):
     needs = [nig[0], nig[1], nig[2], nig[3], nig[4], nig[5], nig[6], nig[9], nig[10]]
     ts = (images, weight, bias, prefix, pos, pn_weight, pn_bias, ln_weight, ln_bias)
     needs = [bool(n and t is not None) for n, t in zip(needs, ts)]
-    got = iter(patch_embed_backward_op(grad.contiguous(), images, weight, bias, prefix, pos, pn_weight, pn_bias,
-                                       pn_eps, use_pn, ln_weight, ln_bias, ln_eps, use_ln, needs, x0))
+    got = iter(_patch_embed_backward(grad.contiguous(), images, weight, bias, prefix, pos, pn_weight, pn_bias,
+                                     pn_eps, use_pn, ln_weight, ln_bias, ln_eps, use_ln, needs, x0))
     g = [next(got) if n else None for n in needs]
     return g[0], g[1], g[2], g[3], g[4], g[5], g[6], None, None, g[7], g[8], None, None, None
 
 
 patch_embed_op.register_autograd(_backward, setup_context=_setup)
-patch_embed = eager_autograd(patch_embed_op, _setup, _backward)  # what vlops.patch_embed calls
+patch_embed = eager_autograd(patch_embed_op, _setup, _backward, _patch_embed_fwd)  # what vlops.patch_embed calls
