@@ -36,6 +36,7 @@ import torch
 
 from .. import _backends
 from ..reference import diffusion as ref
+from . import direct_call
 
 OP = "diffusion_step"
 _MODES = {"ddpm": 0, "ddim": 1}
@@ -127,12 +128,9 @@ def diffusion_step_impl(
 diffusion_step_op = torch.library.custom_op("vlops::diffusion_step", diffusion_step_impl, mutates_args=())
 
 
-def diffusion_step(*args):
-    """Run the op: through the dispatcher when tracing (torch.compile, export), else straight to the
-    implementation (the same function; it saves the dispatcher's per-call cost on small latents)."""
-    if torch.compiler.is_compiling():
-        return diffusion_step_op(*args)
-    return diffusion_step_impl(*args)
+# what vlops.diffusion calls: the implementation itself in plain eager mode (it saves the dispatcher's per-call
+# cost on small latents), the op under torch.compile, export, modes and the profiler (vlops.ops.dispatch_free)
+diffusion_step = direct_call(diffusion_step_op, diffusion_step_impl)
 
 
 @diffusion_step_op.register_fake
