@@ -635,6 +635,20 @@ def _as_i32(x: int) -> int:
     return x - 2**32 if x >= 2**31 else x
 
 
+def _check_contiguous(name, t, shape, dtype, device):
+    """ValueError naming ``name`` unless ``t`` is a contiguous ``dtype`` tensor of ``shape`` on ``device``."""
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.shape != shape or t.dtype != dtype:
+        raise ValueError(f"{name} must be a {dtype} tensor of shape {shape}, got {t.dtype} {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} (tq), got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
 def _validate(tq, tk, tv, iq, ik, iv, t_len, i_len, t_mask, i_mask, scale, mask_mode, dropout_p, seed):
     """Checks every forward argument (ValueError naming it); returns (B, Nt, Nv, H, d). Plain ``if`` tests,
     messages formatted only on failure: this runs on every launch."""
@@ -675,26 +689,12 @@ def _validate(tq, tk, tv, iq, ik, iv, t_len, i_len, t_mask, i_mask, scale, mask_
             raise ValueError(f"{name} must have non-negative strides, got {st}")
         if (t.shape[1] - 1) * st[1] + (H - 1) * st[2] + d >= 2**31 or BLOCK_TOKEN_LIMIT * st[1] >= 2**31:
             raise ValueError(f"{name}: the elements of one batch entry must span < 2**31 (token / head strides {st})")
-    for name, t in (("t_len", t_len), ("i_len", i_len)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != torch.int32 or t.shape != (B,):
-            raise ValueError(f"{name} must be an int32 tensor of shape ({B},), got {t.dtype} {tuple(t.shape)}")
-        if t.device != dev:
-            raise ValueError(f"{name} must be on {dev} (tq), got {t.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-    for name, t, n in (("t_mask", t_mask, Nt), ("i_mask", i_mask, Nv)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if t.dtype != torch.bool or t.shape != (B, n):
-            raise ValueError(f"{name} must be a bool tensor of shape ({B}, {n}), got {t.dtype} {tuple(t.shape)}")
-        if t.device != dev:
-            raise ValueError(f"{name} must be on {dev} (tq), got {t.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
+    _check_contiguous("t_len", t_len, (B,), torch.int32, dev)
+    _check_contiguous("i_len", i_len, (B,), torch.int32, dev)
+    if t_mask is not None:
+        _check_contiguous("t_mask", t_mask, (B, Nt), torch.bool, dev)
+    if i_mask is not None:
+        _check_contiguous("i_mask", i_mask, (B, Nv), torch.bool, dev)
     if not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(float(scale))):
         raise ValueError(f"scale must be a finite float, got {scale!r}")
     if not (_is_int(mask_mode) and mask_mode in (0, 1)):
@@ -829,16 +829,7 @@ def _validate_bwd(t_dout, i_dout, t_out, i_out, t_lse, i_lse, B, Nt, Nv, H, d, d
                                ("t_out", t_out, (B, Nt, H, d), dtype), ("i_out", i_out, (B, Nv, H, d), dtype),
                                ("t_lse", t_lse, (B, H, Nt), torch.float32),
                                ("i_lse", i_lse, (B, H, Nv), torch.float32)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.shape != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-        if t.dtype != dt:
-            raise ValueError(f"{name} must have dtype {dt}, got {t.dtype}")
-        if t.device != device:
-            raise ValueError(f"{name} must be on {device} (tq), got {t.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
+        _check_contiguous(name, t, shape, dt, device)
 
 
 def co_attention_bwd(t_dout, i_dout, tq, tk, tv, iq, ik, iv, t_out, i_out, t_lse, i_lse, t_len, i_len, t_mask,
