@@ -69,13 +69,14 @@ def _contrastive():
             yield partial(k._aot_spec, "siglip_fwd", dt, NEG_ONLY=neg)
         for part in (True, False):
             yield partial(k._aot_spec, "clip_grad", dt, WRITE_PART=part)
-            for neg in (True, False):
-                yield partial(k._aot_spec, "siglip_grad", dt, NEG_ONLY=neg, WRITE_PART=part)
+            for neg, loss in P((True, False), (False, True) if part else (False,)):
+                yield partial(k._aot_spec, "siglip_grad", dt, NEG_ONLY=neg, WRITE_PART=part, LOSS=loss)
     for dt in ("bf16", "fp16"):
         yield partial(k._aot_chunk_spec, "chunk_lse", dt)
         yield partial(k._aot_chunk_spec, "chunk_clip_w", dt)
-        for neg, grad in P((True, False), (True, False)):
-            yield partial(k._aot_chunk_spec, "chunk_siglip", dt, NEG_ONLY=neg, GRAD=grad)
+        for neg, grad, loss in P((True, False), (True, False), (False, True)):
+            if grad or not loss:
+                yield partial(k._aot_chunk_spec, "chunk_siglip", dt, NEG_ONLY=neg, GRAD=grad, LOSS=loss)
 
 
 GRIDS = {"coattention": _coattention, "patch_embed": _patch_embed, "contrastive": _contrastive}

@@ -33,6 +33,8 @@ at::Tensor siglip_fwd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_cpu(const at::Tensor& a, const at::Tensor& b,
                                                                           const at::Tensor& scale,
                                                                           const at::Tensor& bias, bool negative_only);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fwd_bwd_cpu(
+    const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias, bool negative_only);
 // patch stem (csrc/cpu/patch_embed.cpp; contract: vlops/ops/patch_embed.py)
 at::Tensor patch_embed_fwd_cpu(const at::Tensor& images, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& pos,
@@ -124,6 +126,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("negative_only"),
         "siglip_bwd_cpu(a, b, scale, bias, negative_only) -> (da, db, dscale [1], dbias [1]) with "
         "W = -z sigmoid(-z (S + bias)).",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("siglip_fwd_bwd_cpu", &vlops::cpu::siglip_fwd_bwd_cpu, py::arg("a"), py::arg("b"), py::arg("scale"),
+        py::arg("bias"), py::arg("negative_only"),
+        "siglip_fwd_bwd_cpu(a, b, scale, bias, negative_only) -> (loss_sum [1], da, db, dscale [1], dbias [1]): "
+        "siglip_fwd_cpu and siglip_bwd_cpu from one pass over the tiles.",
         py::call_guard<py::gil_scoped_release>());
 
   // Patch stem; the kernel contract is the docstring of vlops.ops.patch_embed.

@@ -38,7 +38,10 @@ symmetric (``i == j``), so the column pass is the row pass with ``a`` and ``b`` 
   (a [BLOCK_X, D] fp32 accumulator for D = 512..1280 does not fit in registers).
 - ``_siglip_fwd_kernel``: program per ``BLOCK_X`` rows; ``softplus(-z (S + bias))`` summed into
   one fp32 partial per program; the launcher sums the partials (deterministic, no atomics).
-- ``_siglip_grad_kernel``: like the CLIP one with ``W = -z sigmoid(-z (S + bias))``.
+- ``_siglip_grad_kernel``: like the CLIP one with ``W = -z sigmoid(-z (S + bias))``. With ``LOSS`` the
+  x=a launch also sums the loss terms (from the exp the sigmoid needs): ``siglip_fwd_bwd``, the forward of
+  a call that needs gradients, is the backward's two launches and no ``_siglip_fwd_kernel`` pass (the
+  chunked method likewise: ``_chunk_siglip_kernel`` with ``GRAD`` and ``LOSS``, no cuBLAS forward product).
 
 ``dscale = sum_ij R_ij (a_i . b_j - row_center_i) + C_ij (a_i . b_j - col_center_j)`` uses the raw
 fp32 dot accumulator (the tile before it is
@@ -77,7 +80,8 @@ import triton.language as tl
 
 from ._tl_common import _check, _dot, _round_to, _store_rounded, aot_signature, cdiv
 
-__all__ = ["contrastive_lse", "clip_bwd", "siglip_fwd", "siglip_bwd", "AOT_SPECS", "block_config", "default_method"]
+__all__ = ["contrastive_lse", "clip_bwd", "siglip_fwd", "siglip_bwd", "siglip_fwd_bwd", "AOT_SPECS", "block_config",
+           "default_method"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,11 +215,13 @@ def _siglip_fwd_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, part_ptr, NX, NY, D,
 
 
 @triton.jit
-def _siglip_grad_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, out_ptr, part_s_ptr, part_b_ptr, NX, NY, D,
-                        NEG_ONLY: tl.constexpr, WRITE_PART: tl.constexpr, BLOCK_X: tl.constexpr,
-                        BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-                        F32_DOT: tl.constexpr):
-    """out[i, do] = sum_j W_ij y[j, do], W = -z sigmoid(-z (S + bias)); partials of dscale / dbias."""
+def _siglip_grad_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, out_ptr, part_s_ptr, part_b_ptr, part_l_ptr, NX, NY, D,
+                        NEG_ONLY: tl.constexpr, WRITE_PART: tl.constexpr, LOSS: tl.constexpr,
+                        BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_DO: tl.constexpr, F32_DOT: tl.constexpr):
+    """out[i, do] = sum_j W_ij y[j, do], W = -z sigmoid(-z (S + bias)); partials of dscale / dbias
+    (WRITE_PART) and, with LOSS too, of the loss sum softplus(-z (S + bias)) (_siglip_fwd_kernel's, from the
+    same exp), by the pid_d == 0 programs."""
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     rx = pid * BLOCK_X + tl.arange(0, BLOCK_X)
@@ -228,6 +234,7 @@ def _siglip_grad_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, out_ptr, part_s_ptr, 
     acc = tl.zeros([BLOCK_X, BLOCK_DO], dtype=tl.float32)
     part_s = tl.zeros([BLOCK_X], dtype=tl.float32)
     part_b = tl.zeros([BLOCK_X], dtype=tl.float32)
+    part_l = tl.zeros([BLOCK_X], dtype=tl.float32)
     for y0 in range(0, NY, BLOCK_Y):
         ry = y0 + tl.arange(0, BLOCK_Y)
         my = ry < NY
@@ -238,16 +245,21 @@ def _siglip_grad_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, out_ptr, part_s_ptr, 
         t, z = _siglip_t(raw, scale, bias, rx, ry, NEG_ONLY)
         e = tl.exp(-tl.abs(t))
         sig = tl.where(t >= 0, 1.0, e) / (1.0 + e)  # sigmoid(t), stable both ways
-        w = tl.where(mx[:, None] & my[None, :], -z * sig, 0.0)
+        valid = mx[:, None] & my[None, :]
+        w = tl.where(valid, -z * sig, 0.0)
         if WRITE_PART:
             part_s += tl.sum(w * raw, 1)
             part_b += tl.sum(w, 1)
+            if LOSS:
+                part_l += tl.sum(tl.where(valid, tl.maximum(t, 0.0) + _log1p_small(e), 0.0), 1)
         acc = _dot(_round_to(w, yo.dtype, F32_DOT), yo, acc, F32_DOT)
     tl.store(out_ptr + rx64[:, None] * D + do[None, :], acc, mask=mx[:, None] & mdo[None, :])
     if WRITE_PART:
         first = pid_d == 0
         tl.store(part_s_ptr + pid, tl.sum(part_s, 0), mask=first)
         tl.store(part_b_ptr + pid, tl.sum(part_b, 0), mask=first)
+        if LOSS:
+            tl.store(part_l_ptr + pid, tl.sum(part_l, 0), mask=first)
 
 
 # Under TRITON_INTERPRET=1 @triton.jit yields an interpreted function.
@@ -331,11 +343,11 @@ def _chunk_clip_w_kernel(x_ptr, y_ptr, D, w_ptr, R, M, row0, scale_ptr, lse_r_pt
 
 @triton.jit
 def _chunk_siglip_kernel(raw_ptr, x_ptr, y_ptr, D, w_ptr, R, M, row0, scale_ptr, bias_ptr, part_ptr, part_b_ptr,
-                         NEG_ONLY: tl.constexpr, GRAD: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, F32_DOT: tl.constexpr):
+                         part_l_ptr, NEG_ONLY: tl.constexpr, GRAD: tl.constexpr, LOSS: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, F32_DOT: tl.constexpr):
     """Not GRAD: raw [R, M] read from raw_ptr, part[program] = sum softplus(-z (S + bias)). GRAD: raw =
     x[i] . y[j] (tl.dot tiles), w = -z sigmoid(-z (S + bias)) in w's dtype, part[program] = sum w * raw,
-    part_b[program] = sum w (z = +1 where row0 + i == j)."""
+    part_b[program] = sum w (z = +1 where row0 + i == j), and with LOSS part_l[program] = the loss sum."""
     rows, cols, mr, mc, valid, offs = _chunk_tile(R, M, BLOCK_R, BLOCK_M)
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
@@ -352,6 +364,9 @@ def _chunk_siglip_kernel(raw_ptr, x_ptr, y_ptr, D, w_ptr, R, M, row0, scale_ptr,
         _store_rounded(w_ptr + offs, w, valid, F32_DOT)
         tl.store(part_ptr + pidx, tl.sum(tl.sum(w * raw, 1), 0))
         tl.store(part_b_ptr + pidx, tl.sum(tl.sum(w, 1), 0))
+        if LOSS:
+            sp = tl.maximum(t, 0.0) + _log1p_small(e)
+            tl.store(part_l_ptr + pidx, tl.sum(tl.sum(tl.where(valid, sp, 0.0), 1), 0))
     else:
         sp = tl.maximum(t, 0.0) + _log1p_small(tl.exp(-tl.abs(t)))
         tl.store(part_ptr + pidx, tl.sum(tl.sum(tl.where(valid, sp, 0.0), 1), 0))
@@ -490,26 +505,39 @@ def siglip_fwd(a, b, scale, bias, negative_only, *, blocks=None, method=None):
 
 def siglip_bwd(a, b, scale, bias, negative_only, *, blocks=None, method=None):
     """(da [N, D], db [M, D], dscale [1], dbias [1]) float32."""
+    return _siglip_grads(a, b, scale, bias, negative_only, False, blocks, method)
+
+
+def siglip_fwd_bwd(a, b, scale, bias, negative_only, *, blocks=None, method=None):
+    """(loss_sum [1], da [N, D], db [M, D], dscale [1], dbias [1]) float32: :func:`siglip_fwd` and
+    :func:`siglip_bwd` from the backward's pass alone (the loss terms come from the exp the gradient
+    computes anyway), one pass over S fewer."""
+    da, db, ds, dbias, loss = _siglip_grads(a, b, scale, bias, negative_only, True, blocks, method)
+    return loss, da, db, ds, dbias
+
+
+def _siglip_grads(a, b, scale, bias, negative_only, loss, blocks, method):
+    """(da, db, dscale, dbias) and with ``loss`` the loss sum too, as a fifth [1] tensor."""
     import torch
 
     _validate(a, b, scale, bias)
+    neg = bool(negative_only)
     if _method(a, method) == "chunked":
-        return _chunked_siglip_bwd(a, b, scale, bias, bool(negative_only), blocks)
+        return _chunked_siglip_bwd(a, b, scale, bias, neg, blocks, loss)
     N, D = a.shape
     M = b.shape[0]
     cfg = _cfg("grad", a, blocks)
-    neg = bool(negative_only)
     da = torch.empty(N, D, dtype=torch.float32, device=a.device)
     db = torch.empty(M, D, dtype=torch.float32, device=a.device)
     grid, consts, opts = _grid_args(cfg, N, D)
-    part_s = torch.empty(grid[0], dtype=torch.float32, device=a.device)
-    part_b = torch.empty(grid[0], dtype=torch.float32, device=a.device)
-    _siglip_grad_kernel[grid](a, b, scale, bias, da, part_s, part_b, N, M, D,
-                              NEG_ONLY=neg, WRITE_PART=True, **consts, **opts)
+    parts = [torch.empty(grid[0], dtype=torch.float32, device=a.device) for _ in range(3 if loss else 2)]
+    part_l = parts[2] if loss else parts[0]  # never written without LOSS
+    _siglip_grad_kernel[grid](a, b, scale, bias, da, parts[0], parts[1], part_l, N, M, D,
+                              NEG_ONLY=neg, WRITE_PART=True, LOSS=bool(loss), **consts, **opts)
     grid, consts, opts = _grid_args(cfg, M, D)
-    _siglip_grad_kernel[grid](b, a, scale, bias, db, part_s, part_b, M, N, D,
-                              NEG_ONLY=neg, WRITE_PART=False, **consts, **opts)
-    return da, db, part_s.sum().reshape(1), part_b.sum().reshape(1)
+    _siglip_grad_kernel[grid](b, a, scale, bias, db, parts[0], parts[1], part_l, M, N, D,
+                              NEG_ONLY=neg, WRITE_PART=False, LOSS=False, **consts, **opts)
+    return (da, db, *(p.sum().reshape(1) for p in parts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,10 +596,12 @@ def _mm_f32(x, y, out, accumulate=False):
         torch.mm(x32, y32, out=out)
 
 
-def _dot_blocks(a):
-    """Tiles of the chunk kernels that compute raw with tl.dot: the fused LSE kernel's."""
-    cfg = block_config("lse", a.element_size())
-    return dict(BLOCK_R=cfg["BLOCK_X"], BLOCK_M=cfg["BLOCK_Y"], BLOCK_D=cfg["BLOCK_D"],
+def _dot_blocks(element_size: int, loss: bool = False) -> dict:
+    """Tiles of the chunk kernels that compute raw with tl.dot: the fused LSE kernel's; 64 columns instead of
+    128 for the SigLIP pass that also sums the loss (``LOSS``: 128 spilled 200 to 500 B at 255 registers on
+    sm_90a, 64 uses 187 to 201 and none)."""
+    cfg = block_config("lse", element_size)
+    return dict(BLOCK_R=cfg["BLOCK_X"], BLOCK_M=64 if loss else cfg["BLOCK_Y"], BLOCK_D=cfg["BLOCK_D"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -606,7 +636,7 @@ def _chunked_lse(a, b, scale, blocks):
     return row, cm + torch.log(cl)
 
 
-def _chunked_grads(a, b, blocks, n_parts, launch):
+def _chunked_grads(a, b, blocks, n_parts, launch, loss=False):
     """The chunked backward: per chunk of R rows, ``launch(grid, ac, w, R, r0, parts, blk)`` writes W (the
     input dtype, from tl.dot tiles) and ``n_parts`` per-program partial sums; then ``da[rows] = W @ b`` and
     ``db += W.T @ a[rows]`` (cuBLAS, fp32 output). Returns da, db and the ``n_parts`` totals [1]."""
@@ -618,7 +648,7 @@ def _chunked_grads(a, b, blocks, n_parts, launch):
     w = torch.empty(C, M, dtype=a.dtype, device=a.device)
     da = torch.empty(N, D, **f32)
     db = torch.zeros(M, D, **f32)
-    blk = _dot_blocks(a)
+    blk = _dot_blocks(a.element_size(), loss)
     sums = [[] for _ in range(n_parts)]
     for r0 in range(0, N, C):
         R = min(C, N - r0)
@@ -643,14 +673,15 @@ def _chunked_clip_bwd(a, b, scale, row_lse, col_lse, cr, cc, row_center, col_cen
     return _chunked_grads(a, b, blocks, 1, launch)
 
 
-def _chunked_siglip_bwd(a, b, scale, bias, neg, blocks):
+def _chunked_siglip_bwd(a, b, scale, bias, neg, blocks, loss=False):
+    """(da, db, dscale, dbias) and with ``loss`` the loss sum (from the same W passes) as a fifth."""
     D, M = a.shape[1], b.shape[0]
 
     def launch(grid, ac, w, R, r0, parts, blk):
-        _chunk_siglip_kernel[grid](w, ac, b, D, w, R, M, r0, scale, bias, parts[0], parts[1], NEG_ONLY=neg,
-                                   GRAD=True, F32_DOT=_INTERPRETED, **blk)
+        _chunk_siglip_kernel[grid](w, ac, b, D, w, R, M, r0, scale, bias, parts[0], parts[1], parts[-1],
+                                   NEG_ONLY=neg, GRAD=True, LOSS=bool(loss), F32_DOT=_INTERPRETED, **blk)
 
-    return _chunked_grads(a, b, blocks, 2, launch)
+    return _chunked_grads(a, b, blocks, 3 if loss else 2, launch, loss)
 
 
 def _chunked_siglip_fwd(a, b, scale, bias, neg, blocks):
@@ -670,8 +701,8 @@ def _chunked_siglip_fwd(a, b, scale, bias, neg, blocks):
         _mm_f32(ac, bt, raw[:R])
         grid = _chunk_grid(R, M, blk)
         part = torch.empty(grid[0] * grid[1], **f32)
-        _chunk_siglip_kernel[grid](raw, ac, b, D, raw, R, M, r0, scale, bias, part, part, NEG_ONLY=neg, GRAD=False,
-                                   F32_DOT=_INTERPRETED, **blk)
+        _chunk_siglip_kernel[grid](raw, ac, b, D, raw, R, M, r0, scale, bias, part, part, part, NEG_ONLY=neg,
+                                   GRAD=False, LOSS=False, F32_DOT=_INTERPRETED, **blk)
         sums.append(part.sum())
     return torch.stack(sums).sum().reshape(1)
 
@@ -707,9 +738,8 @@ def _aot_chunk_spec(kernel, dtype, **flags):
     fn = {"chunk_lse": _chunk_lse_kernel, "chunk_clip_w": _chunk_clip_w_kernel,
           "chunk_siglip": _chunk_siglip_kernel}[kernel]
     dot = kernel == "chunk_clip_w" or flags.get("GRAD", False)
-    cfg = block_config("lse", _ELEM_SIZE[dtype])
-    blk = dict(BLOCK_R=cfg["BLOCK_X"], BLOCK_M=cfg["BLOCK_Y"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
-               num_stages=cfg["num_stages"]) if dot else dict(_CHUNK_BLOCKS, BLOCK_D=16, num_stages=1)
+    blk = (_dot_blocks(_ELEM_SIZE[dtype], flags.get("LOSS", False)) if dot
+           else dict(_CHUNK_BLOCKS, BLOCK_D=16, num_stages=1))
     constexprs = {k: v for k, v in blk.items() if k in fn.arg_names}
     constexprs.update(flags)
     if "F32_DOT" in fn.arg_names:
@@ -726,13 +756,15 @@ def _aot_chunk_spec(kernel, dtype, **flags):
 AOT_SPECS = [
     _aot_chunk_spec("chunk_lse", "bf16"),
     *[_aot_chunk_spec("chunk_clip_w", dt) for dt in ("bf16", "fp16")],
-    _aot_chunk_spec("chunk_siglip", "bf16", NEG_ONLY=False, GRAD=False),
-    _aot_chunk_spec("chunk_siglip", "bf16", NEG_ONLY=False, GRAD=True),
+    _aot_chunk_spec("chunk_siglip", "bf16", NEG_ONLY=False, GRAD=False, LOSS=False),
+    _aot_chunk_spec("chunk_siglip", "bf16", NEG_ONLY=False, GRAD=True, LOSS=False),
+    _aot_chunk_spec("chunk_siglip", "bf16", NEG_ONLY=False, GRAD=True, LOSS=True),  # siglip_fwd_bwd
     *[_aot_spec("lse", dt) for dt in ("fp32", "bf16", "fp16")],
     *[_aot_spec("clip_grad", dt, WRITE_PART=True) for dt in ("fp32", "bf16", "fp16")],
     _aot_spec("clip_grad", "bf16", WRITE_PART=False),
     *[_aot_spec("siglip_fwd", dt, NEG_ONLY=False) for dt in ("fp32", "bf16", "fp16")],
     _aot_spec("siglip_fwd", "bf16", NEG_ONLY=True),
-    *[_aot_spec("siglip_grad", dt, NEG_ONLY=False, WRITE_PART=True) for dt in ("fp32", "bf16", "fp16")],
-    _aot_spec("siglip_grad", "bf16", NEG_ONLY=True, WRITE_PART=False),
+    *[_aot_spec("siglip_grad", dt, NEG_ONLY=False, WRITE_PART=True, LOSS=False) for dt in ("fp32", "bf16", "fp16")],
+    _aot_spec("siglip_grad", "bf16", NEG_ONLY=True, WRITE_PART=False, LOSS=False),
+    *[_aot_spec("siglip_grad", dt, NEG_ONLY=False, WRITE_PART=True, LOSS=True) for dt in ("fp32", "bf16")],
 ]

@@ -276,7 +276,8 @@ def test_opcheck_and_compile(backend, device):
     with vlops.use_backend(backend):
         torch.library.opcheck(ops.clip_loss_op, (a, b, s, None, 0.0))
         torch.library.opcheck(ops.clip_loss_op, (a, b, s, torch.tensor([0, 1, 0, 2, 2, 1], device=device), 0.1))
-        torch.library.opcheck(ops.siglip_loss_op, (a, b, s, bias, False))
+        for with_grad in (False, True):
+            torch.library.opcheck(ops.siglip_loss_op, (a, b, s, bias, False, with_grad))
         torch._dynamo.reset()
 
         def f(a, b, s, bias):
@@ -336,3 +337,54 @@ def test_transformers_swap(kind):
     assert all(rel_err(g, r) < 1e-4 for g, r in zip(grads, ref_grads))
     unpatch_contrastive_loss(model)
     assert not hasattr(model, "_vlops_original_forward")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_siglip_gradient_from_the_forward_pass(backend, device, monkeypatch):
+    """With an input that requires grad, vlops.siglip_loss computes the loss and the gradient sums in one pass
+    (the kernel ``siglip_fwd_bwd``) and the backward only scales them: no ``siglip_fwd`` / ``siglip_bwd``
+    pass. Loss and gradients equal the two-pass route's bit for bit (the op with ``with_grad=False`` and its
+    backward op), also on a second backward of a retained graph; a backward that builds a graph
+    (create_graph=True) recomputes through the backward op, as before."""
+    _require(backend, device)
+    calls = []
+    real = ops._kernel
+
+    def spy(name, dev):
+        calls.append(name)
+        return real(name, dev)
+
+    monkeypatch.setattr(ops, "_kernel", spy)
+    a0, b0 = _feats(9, 12, torch.float32, device, M=7)
+    s0 = torch.tensor([9.0], device=device)
+    bias0 = torch.tensor([-4.0], device=device)
+
+    def leaves():
+        return [t.clone().requires_grad_() for t in (a0, b0, s0, bias0)]
+
+    with vlops.use_backend(backend):
+        ts = leaves()
+        loss = vlops.siglip_loss(*ts)
+        assert calls == ["siglip_fwd_bwd"]
+        g1 = torch.autograd.grad(loss, ts, retain_graph=True)
+        g2 = torch.autograd.grad(loss, ts)  # the saved sums were not modified by the first backward
+        assert calls == ["siglip_fwd_bwd"]
+
+        calls.clear()
+        two = leaves()
+        loss2 = ops.siglip_loss(*two, False, False)[0]  # the two-pass route
+        g_two = torch.autograd.grad(loss2, two)
+        assert calls == ["siglip_fwd", "siglip_bwd"]
+
+        calls.clear()
+        ts3 = leaves()
+        g3 = torch.autograd.grad(vlops.siglip_loss(*ts3), ts3, create_graph=True)
+        assert calls == ["siglip_fwd_bwd", "siglip_bwd"]
+
+        calls.clear()
+        with torch.no_grad():
+            loss_ng = vlops.siglip_loss(*leaves())
+        assert calls == ["siglip_fwd"]
+    assert torch.equal(loss, loss2) and torch.equal(loss_ng, loss.detach())
+    for x, y, z, w in zip(g1, g2, g_two, g3):
+        assert torch.equal(x, y) and torch.equal(x, z) and torch.equal(x, w.detach())

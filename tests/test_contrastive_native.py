@@ -1,6 +1,6 @@
 """Native CPU kernels of the contrastive losses: vlops._C.contrastive_lse_cpu, clip_bwd_cpu,
-siglip_fwd_cpu and siglip_bwd_cpu, called with the positional arguments of the kernel contract
-(docstring of vlops/ops/contrastive.py) and compared with the contract's formulas in float64.
+siglip_fwd_cpu, siglip_bwd_cpu and siglip_fwd_bwd_cpu, called with the positional arguments of the kernel
+contract (docstring of vlops/ops/contrastive.py) and compared with the contract's formulas in float64.
 
 Bounds (DESIGN.md): relative error ||out - ref|| / ||ref|| against the float64 formulas (evaluated on
 the inputs as given, i.e. already rounded to their dtype) of <= 1e-5 in fp32, <= 1e-2 in fp16 / bf16
@@ -204,11 +204,20 @@ def run_case(fn, N, M, D, dtype, kind, neg=False, salt=0):
         check(fn, out, f_siglip_bwd(a, b, scale, bias, neg, torch.float64),
               f_siglip_bwd(a, b, scale, bias, neg, torch.float32), dtype, info,
               floors=siglip_sum_floors(a, b, scale, bias, neg))
+    elif fn == "siglip_fwd_bwd":
+        out = _C.siglip_fwd_bwd_cpu(a, b, scale, bias, neg)
+        check(fn, out, (f_siglip_fwd(a, b, scale, bias, neg, torch.float64),
+                        *f_siglip_bwd(a, b, scale, bias, neg, torch.float64)),
+              (f_siglip_fwd(a, b, scale, bias, neg, torch.float32), *f_siglip_bwd(a, b, scale, bias, neg, torch.float32)),
+              dtype, info, floors={k + 1: v for k, v in siglip_sum_floors(a, b, scale, bias, neg).items()})
+        # the one pass computes what the forward and backward kernels compute, to the bit
+        apart = (_C.siglip_fwd_cpu(a, b, scale, bias, neg), *_C.siglip_bwd_cpu(a, b, scale, bias, neg))
+        assert all(torch.equal(o, w) for o, w in zip(out, apart)), info
     else:
         raise ValueError(fn)
 
 
-FNS = ["lse", "clip_bwd", "siglip_fwd", "siglip_bwd"]
+FNS = ["lse", "clip_bwd", "siglip_fwd", "siglip_bwd", "siglip_fwd_bwd"]
 
 
 @pytest.mark.parametrize("kind", ["unit", "random", "raw"])
@@ -232,7 +241,7 @@ def test_duplicated_rows(fn, dtype):
 
 
 @pytest.mark.parametrize("neg", [False, True])
-@pytest.mark.parametrize("fn", ["siglip_fwd", "siglip_bwd"])
+@pytest.mark.parametrize("fn", ["siglip_fwd", "siglip_bwd", "siglip_fwd_bwd"])
 def test_negative_only(fn, neg):
     for k, (N, M, D) in enumerate([(1, 1, 3), (129, 129, 64), (300, 7, 100), (7, 300, 100)]):
         run_case(fn, N, M, D, torch.float32, "unit", neg=neg, salt=100 + k)

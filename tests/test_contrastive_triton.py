@@ -7,8 +7,9 @@ tests/test_diffusion_triton.py; this module imports neither triton nor the kerne
 a CUDA GPU the same worker also runs compiled (``test_gpu_*``).
 
 Each case draws fresh ``a`` [N, D], ``b`` [M, D] (unit-norm rows or plain normal rows) and runs all
-four launchers (``contrastive_lse``, ``clip_bwd`` fed the float64 LSEs rounded to fp32,
-``siglip_fwd``, ``siglip_bwd``), by the default method or, where the case names one, by the "fused" or
+launchers (``contrastive_lse``, ``clip_bwd`` fed the float64 LSEs rounded to fp32,
+``siglip_fwd``, ``siglip_bwd``, and ``siglip_fwd_bwd``, whose five outputs are checked like theirs), by the
+default method or, where the case names one, by the "fused" or
 the "chunked" method; the reference builds ``S = scale * a @ b.T`` in float64 from the
 same (dtype-rounded) inputs and applies the contract's formulas. Bounds, relative error
 ``||out - ref|| / ||ref||``: fp32 1e-5 interpreted (numpy fp32 dots), 5e-4 compiled (tf32 in the
@@ -178,14 +179,17 @@ def _run_case(torch, k, c, gen, device):
                                coef_col, ctr_r.float().to(device), ctr_c.float().to(device), **kw)
     loss = k.siglip_fwd(da_, db_, sc, bi, c["neg"], **kw)
     sda, sdb, sds, sdbias = k.siglip_bwd(da_, db_, sc, bi, c["neg"], **kw)
+    fb = k.siglip_fwd_bwd(da_, db_, sc, bi, c["neg"], **kw)
     if device == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
 
     outs = dict(row_lse=row, col_lse=col, clip_da=cda, clip_db=cdb, clip_dscale=cds, sig_loss=loss, sig_da=sda,
-                sig_db=sdb, sig_dscale=sds, sig_dbias=sdbias)
+                sig_db=sdb, sig_dscale=sds, sig_dbias=sdbias, fb_loss=fb[0], fb_da=fb[1], fb_db=fb[2], fb_dscale=fb[3],
+                fb_dbias=fb[4])
     shapes = dict(row_lse=(N,), col_lse=(M,), clip_da=(N, D), clip_db=(M, D), clip_dscale=(1,), sig_loss=(1,),
                   sig_da=(N, D), sig_db=(M, D), sig_dscale=(1,), sig_dbias=(1,))
+    shapes.update({"fb_" + n[4:]: shapes[n] for n in ("sig_loss", "sig_da", "sig_db", "sig_dscale", "sig_dbias")})
     res = {"id": c["id"], "dtype": c["dtype"], "time_s": elapsed, "max_abs_s": S.abs().max().item(),
            "inputs_unchanged": torch.equal(before[0], da_) and torch.equal(before[1], db_),
            "bad_shape": [n for n, o in outs.items() if tuple(o.shape) != shapes[n] or o.dtype != torch.float32],
@@ -208,11 +212,12 @@ def _run_case(torch, k, c, gen, device):
     # N = M = 1, can have terms of 0.13 and -0.13 whose sum is 4e-4)
     ds_r, ds_c = R * (raw - ctr_r[:, None]), Cc * (raw - ctr_c[None, :])
     err["clip_dscale"] = _rel_scalar(torch, cds, (ds_r + ds_c).sum(), (ds_r.abs() + ds_c.abs()).sum().item())
-    err["sig_loss"] = _rel_scalar(torch, loss, sp.sum(), sp.abs().sum().item())
-    err["sig_da"] = _rel_mag(torch, sda, Ws @ B, half * (Ws.abs() @ B.abs()))
-    err["sig_db"] = _rel_mag(torch, sdb, Ws.T @ A, half * (Ws.abs().T @ A.abs()))
-    err["sig_dscale"] = _rel_scalar(torch, sds, (Ws * raw).sum(), (Ws.abs() * raw_abs).sum().item())
-    err["sig_dbias"] = _rel_scalar(torch, sdbias, Ws.sum(), Ws.abs().sum().item())
+    for pre, (ls, g_a, g_b, g_s, g_bias) in (("sig", (loss, sda, sdb, sds, sdbias)), ("fb", fb)):
+        err[pre + "_loss"] = _rel_scalar(torch, ls, sp.sum(), sp.abs().sum().item())
+        err[pre + "_da"] = _rel_mag(torch, g_a, Ws @ B, half * (Ws.abs() @ B.abs()))
+        err[pre + "_db"] = _rel_mag(torch, g_b, Ws.T @ A, half * (Ws.abs().T @ A.abs()))
+        err[pre + "_dscale"] = _rel_scalar(torch, g_s, (Ws * raw).sum(), (Ws.abs() * raw_abs).sum().item())
+        err[pre + "_dbias"] = _rel_scalar(torch, g_bias, Ws.sum(), Ws.abs().sum().item())
     return res
 
 

@@ -101,7 +101,9 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     a, b = _features(image_features, text_features, same_n=False)
     scale = _scalar(logit_scale, "logit_scale", a)
     bias = _scalar(0.0 if logit_bias is None else logit_bias, "logit_bias", a)
-    return _op.siglip_loss(a, b, scale, bias, V.boolean(negative_only, "negative_only"))
+    neg = V.boolean(negative_only, "negative_only")
+    with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, scale, bias))
+    return _op.siglip_loss(a, b, scale, bias, neg, with_grad)[0]
 
 
 def zero_shot_classify(image_features: torch.Tensor, class_embeddings: torch.Tensor, logit_scale, *,

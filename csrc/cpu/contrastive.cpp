@@ -1,5 +1,6 @@
 // Contrastive losses on the CPU: the four kernels of the contract in vlops/ops/contrastive.py
-// (contrastive_lse_cpu, clip_bwd_cpu, siglip_fwd_cpu, siglip_bwd_cpu). The N x M logits never exist.
+// (contrastive_lse_cpu, clip_bwd_cpu, siglip_fwd_cpu, siglip_bwd_cpu, siglip_fwd_bwd_cpu). The N x M logits
+// never exist.
 //
 // Schedule. Rows are split into G groups and columns into G groups (G = min(16, min(N, M) / 256),
 // at least 1, more with over 16 threads: results are bit-identical run to run and for any thread
@@ -26,6 +27,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -236,17 +238,18 @@ CVINL double sig_fwd_tile_body(const SigTile<Tr>& p) {
   return total;
 }
 
-// x (raw dots) -> W = sgn * sigmoid(sgn * L) in place; adds sum W to *dbias and sum W x to *dscale
-template <class Tr>
-CVINL void sig_bwd_tile_body(const SigTile<Tr>& p, double* dscale, double* dbias) {
+// x (raw dots) -> W = sgn * sigmoid(sgn * L) in place; adds sum W to *dbias and sum W x to *dscale, and
+// with LOSS the loss terms softplus(sgn * L) (sig_fwd_tile's sum, from the same exp) to *loss
+template <class Tr, bool LOSS>
+CVINL void sig_bwd_tile_body(const SigTile<Tr>& p, double* dscale, double* dbias, double* loss) {
   using S = typename Tr::S;
   using V = typename Tr::V;
   constexpr int W = Tr::W;
-  double ds = 0.0, db = 0.0;
+  double ds = 0.0, db = 0.0, dl = 0.0;
   for (int64_t i = 0; i < p.br; ++i) {
     S* xr = p.x + i * p.ld;
     const int64_t jd = p.diag0 + i;
-    V acc_s = splat((S)0), acc_b = splat((S)0);
+    V acc_s = splat((S)0), acc_b = splat((S)0), acc_l = splat((S)0);
     for (int64_t j = 0; j < p.bc; j += W) {
       const V x = vload(xr + j);
       const V L = x * p.scale + p.bias;
@@ -260,13 +263,16 @@ CVINL void sig_bwd_tile_body(const SigTile<Tr>& p, double* dscale, double* dbias
       const V w = sel(ok, sgn * sig, splat((S)0));
       acc_b += w;
       acc_s += w * sel(ok, x, splat((S)0));
+      if (LOSS) acc_l += sel(ok, vmax(t, splat((S)0)) + vlog1p01(e), splat((S)0));
       vstore(xr + j, w);
     }
     ds += (double)hsum(acc_s);
     db += (double)hsum(acc_b);
+    if (LOSS) dl += (double)hsum(acc_l);
   }
   *dscale += ds;
   *dbias += db;
+  if (LOSS) *loss += dl;
 }
 
 // Per-ISA entry points of the fp32 bodies (csrc/cpu/isa_dispatch.h).
@@ -274,7 +280,9 @@ VLOPS_ISA_ENTRY(lse_tile_f32, void, (const LseTile<F32>& p), lse_tile_body<F32>(
 VLOPS_ISA_ENTRY(clip_bwd_tile_f32, double, (const ClipBwdTile<F32>& p), clip_bwd_tile_body<F32>(p))
 VLOPS_ISA_ENTRY(sig_fwd_tile_f32, double, (const SigTile<F32>& p), sig_fwd_tile_body<F32>(p))
 VLOPS_ISA_ENTRY(sig_bwd_tile_f32, void, (const SigTile<F32>& p, double* ds, double* db),
-                sig_bwd_tile_body<F32>(p, ds, db))
+                (sig_bwd_tile_body<F32, false>(p, ds, db, nullptr)))
+VLOPS_ISA_ENTRY(sig_fwd_bwd_tile_f32, void, (const SigTile<F32>& p, double* ds, double* db, double* dl),
+                (sig_bwd_tile_body<F32, true>(p, ds, db, dl)))
 
 CVINL void lse_tile(int isa, const LseTile<F32>& p) { VLOPS_ISA_DISPATCH(isa, lse_tile_f32, p); }
 CVINL void lse_tile(int, const LseTile<F64>& p) { lse_tile_body<F64>(p); }
@@ -285,7 +293,15 @@ CVINL double sig_fwd_tile(int, const SigTile<F64>& p) { return sig_fwd_tile_body
 CVINL void sig_bwd_tile(int isa, const SigTile<F32>& p, double* ds, double* db) {
   VLOPS_ISA_DISPATCH(isa, sig_bwd_tile_f32, p, ds, db);
 }
-CVINL void sig_bwd_tile(int, const SigTile<F64>& p, double* ds, double* db) { sig_bwd_tile_body<F64>(p, ds, db); }
+CVINL void sig_bwd_tile(int, const SigTile<F64>& p, double* ds, double* db) {
+  sig_bwd_tile_body<F64, false>(p, ds, db, nullptr);
+}
+CVINL void sig_fwd_bwd_tile(int isa, const SigTile<F32>& p, double* ds, double* db, double* dl) {
+  VLOPS_ISA_DISPATCH(isa, sig_fwd_bwd_tile_f32, p, ds, db, dl);
+}
+CVINL void sig_fwd_bwd_tile(int, const SigTile<F64>& p, double* ds, double* db, double* dl) {
+  sig_bwd_tile_body<F64, true>(p, ds, db, dl);
+}
 
 // ------------------------------------------------------------------------------------------------
 // Schedule
@@ -508,29 +524,34 @@ double siglip_fwd_impl(const at::Tensor& a, const at::Tensor& b, double scale, d
   return total;
 }
 
-template <class Tr>
-std::pair<double, double> siglip_bwd_impl(const at::Tensor& a, const at::Tensor& b, double scale, double bias,
-                                          bool negative_only, at::Tensor& da, at::Tensor& db) {
+// {dscale, dbias, loss} sums (loss 0 unless LOSS: then the forward's loss sum from the same tiles)
+template <class Tr, bool LOSS>
+std::array<double, 3> siglip_bwd_impl(const at::Tensor& a, const at::Tensor& b, double scale, double bias,
+                                      bool negative_only, at::Tensor& da, at::Tensor& db) {
   using S = typename Tr::S;
   const int64_t N = a.size(0), M = b.size(0);
   const int isa = current_isa();
   const int64_t G = num_groups(N, M);
-  std::vector<double> ps(G * G, 0.0), pb(G * G, 0.0);
+  std::vector<double> ps(G * G, 0.0), pb(G * G, 0.0), pl(G * G, 0.0);
   ScratchPool<S> pool;
   run_grid<S>(N, M, G, [&](int64_t task, int64_t i0, int64_t br, int64_t j0, int64_t bc, bool first_row, bool first_col) {
     Scratch<S>& sc = pool.get();
     at::Tensor x = dot_tile(sc.tile, a, b, i0, br, j0, bc);
     SigTile<Tr> p{x.data_ptr<S>(), x.stride(0), br, bc, (S)scale, (S)bias,
                   negative_only ? std::numeric_limits<int64_t>::min() / 2 : i0 - j0};
-    sig_bwd_tile(isa, p, &ps[task], &pb[task]);
+    if (LOSS)
+      sig_fwd_bwd_tile(isa, p, &ps[task], &pb[task], &pl[task]);
+    else
+      sig_bwd_tile(isa, p, &ps[task], &pb[task]);
     accumulate_grads(x, a, b, da, db, i0, br, j0, bc, first_row, first_col);
   });
-  double ts = 0.0, tb = 0.0;
+  std::array<double, 3> t{0.0, 0.0, 0.0};
   for (int64_t k = 0; k < G * G; ++k) {
-    ts += ps[k];
-    tb += pb[k];
+    t[0] += ps[k];
+    t[1] += pb[k];
+    t[2] += pl[k];
   }
-  return {ts, tb};
+  return t;
 }
 
 inline at::TensorOptions out_opts(const at::Tensor& a) { return at::TensorOptions().dtype(out_dtype(a)); }
@@ -600,22 +621,35 @@ at::Tensor siglip_fwd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
   return scalar_out(a, loss);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_cpu(const at::Tensor& a, const at::Tensor& b,
-                                                                          const at::Tensor& scale,
-                                                                          const at::Tensor& bias, bool negative_only) {
-  const char* fn = "siglip_bwd_cpu";
+// da, db, {dscale, dbias, loss} of siglip_bwd_cpu / siglip_fwd_bwd_cpu (the loss only with LOSS)
+template <bool LOSS>
+std::tuple<at::Tensor, at::Tensor, std::array<double, 3>> siglip_grads(const char* fn, const at::Tensor& a,
+                                                                       const at::Tensor& b, const at::Tensor& scale,
+                                                                       const at::Tensor& bias, bool negative_only) {
   check_ab(fn, a, b);
   const double s = read_scalar(fn, "scale", scale);
   const double bi = read_scalar(fn, "bias", bias);
   const int64_t N = a.size(0), M = b.size(0), D = a.size(1);
-  if (N == 0 || M == 0)
-    return {at::zeros({N, D}, out_opts(a)), at::zeros({M, D}, out_opts(a)), scalar_out(a, 0.0), scalar_out(a, 0.0)};
+  if (N == 0 || M == 0) return {at::zeros({N, D}, out_opts(a)), at::zeros({M, D}, out_opts(a)), {0.0, 0.0, 0.0}};
   at::Tensor da = at::empty({N, D}, out_opts(a)), db = at::empty({M, D}, out_opts(a));
   const at::Tensor ac = compute_copy(a), bc = compute_copy(b);
-  std::pair<double, double> r = ac.scalar_type() == at::kDouble
-                                    ? siglip_bwd_impl<F64>(ac, bc, s, bi, negative_only, da, db)
-                                    : siglip_bwd_impl<F32>(ac, bc, s, bi, negative_only, da, db);
-  return {da, db, scalar_out(a, r.first), scalar_out(a, r.second)};
+  const std::array<double, 3> r = ac.scalar_type() == at::kDouble
+                                      ? siglip_bwd_impl<F64, LOSS>(ac, bc, s, bi, negative_only, da, db)
+                                      : siglip_bwd_impl<F32, LOSS>(ac, bc, s, bi, negative_only, da, db);
+  return {da, db, r};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_cpu(const at::Tensor& a, const at::Tensor& b,
+                                                                          const at::Tensor& scale,
+                                                                          const at::Tensor& bias, bool negative_only) {
+  auto [da, db, r] = siglip_grads<false>("siglip_bwd_cpu", a, b, scale, bias, negative_only);
+  return {da, db, scalar_out(a, r[0]), scalar_out(a, r[1])};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_fwd_bwd_cpu(
+    const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias, bool negative_only) {
+  auto [da, db, r] = siglip_grads<true>("siglip_fwd_bwd_cpu", a, b, scale, bias, negative_only);
+  return {scalar_out(a, r[2]), da, db, scalar_out(a, r[0]), scalar_out(a, r[1])};
 }
 
 }  // namespace cpu

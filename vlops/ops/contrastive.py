@@ -27,6 +27,9 @@ Kernel contract (the same positional arguments for every backend; ``vlops._C.<na
     ``W_ij = -z_ij * sigmoid(-z_ij (S_ij + bias))`` (d loss_ij / d L_ij), ``da_i = sum_j W_ij b_j``,
     ``db_j = sum_i W_ij a_i``, ``dscale = sum_ij W_ij (a_i . b_j)``, ``dbias = sum_ij W_ij``.
 
+``siglip_fwd_bwd(a, b, scale, bias, negative_only) -> (loss_sum [1], da, db, dscale [1], dbias [1])``
+    ``siglip_fwd`` and ``siglip_bwd`` from one pass over S (the forward of a call that needs gradients).
+
 Everything else (the diagonal / target terms, label smoothing, UniCL's class means, the 1/N and the
 incoming gradient) is O(N D) work done with torch ops in this module.
 """
@@ -94,8 +97,12 @@ def _ref_siglip_bwd(a, b, scale, bias, negative_only):
     return W @ bf, W.T @ af, (W * (af @ bf.T)).sum().reshape(1), W.sum().reshape(1)
 
 
+def _ref_siglip_fwd_bwd(a, b, scale, bias, negative_only):
+    return (_ref_siglip_fwd(a, b, scale, bias, negative_only), *_ref_siglip_bwd(a, b, scale, bias, negative_only))
+
+
 _REF = {"contrastive_lse": _ref_lse, "clip_bwd": _ref_clip_bwd, "siglip_fwd": _ref_siglip_fwd,
-        "siglip_bwd": _ref_siglip_bwd}
+        "siglip_bwd": _ref_siglip_bwd, "siglip_fwd_bwd": _ref_siglip_fwd_bwd}
 
 
 def _kernel(name: str, device: torch.device):
@@ -224,28 +231,46 @@ clip_loss = eager_autograd(clip_loss_op, _clip_setup, _clip_backward, _clip_loss
 
 # ------------------------------------------------------------------ SigLIP
 def _siglip_loss_fwd(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                   negative_only: bool) -> torch.Tensor:
-    s = _kernel("siglip_fwd", a.device)(a, b, scale, bias, negative_only)
-    return (s[0] / a.shape[0]).float()
+                     negative_only: bool, with_grad: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss [] fp32, ka, kb, ks, kbias). ``with_grad``: the loss and the kernel's gradient sums (``siglip_bwd``'s
+    four outputs) from one pass over S (``siglip_fwd_bwd``); the backward only scales them by the incoming
+    gradient (the loss is a scalar, and SigLIP's gradient needs no statistic of the whole matrix, unlike the
+    CLIP loss's log-sum-exps). Without it, the loss alone and four empty [0] tensors."""
+    if with_grad:
+        s, ka, kb, ks, kbias = _kernel("siglip_fwd_bwd", a.device)(a, b, scale, bias, negative_only)
+    else:
+        s = _kernel("siglip_fwd", a.device)(a, b, scale, bias, negative_only)
+        ka, kb, ks, kbias = (s.new_empty((0,)) for _ in range(4))
+    return (s[0] / a.shape[0]).float(), ka, kb, ks, kbias
 
 
 siglip_loss_op = torch.library.custom_op("vlops::siglip_loss", _siglip_loss_fwd, mutates_args=())
 
 
 @siglip_loss_op.register_fake
-def _(a, b, scale, bias, negative_only):
-    return a.new_empty((), dtype=torch.float32)
+def _(a, b, scale, bias, negative_only, with_grad):
+    dt = _cdt(a)
+    shapes = [a.shape, b.shape, (1,), (1,)] if with_grad else [(0,)] * 4
+    return (a.new_empty((), dtype=torch.float32), *(a.new_empty(sh, dtype=dt) for sh in shapes))
+
+
+def _siglip_scale(grad, N, a, b, scale, bias, ka, kb, ks, kbias, in_place: bool):
+    """The four gradients from the kernel's sums and the incoming gradient of the loss (``loss = sum / N``);
+    ``in_place``: ``ka`` / ``kb`` are scratch and take the product (no [N, D] temporaries)."""
+    dt = ka.dtype
+    g = grad.to(dt) / N
+    gs = g * scale.to(dt)
+    da, db = (ka.mul_(gs), kb.mul_(gs)) if in_place else (ka * gs, kb * gs)
+    return (da.to(a.dtype), db.to(b.dtype), (g * ks).to(scale.dtype).reshape(scale.shape),
+            (g * kbias).to(bias.dtype).reshape(bias.shape))
 
 
 def _siglip_loss_bwd(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
-                            bias: torch.Tensor, negative_only: bool
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     bias: torch.Tensor, negative_only: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     ka, kb, ks, kbias = _kernel("siglip_bwd", a.device)(a, b, scale, bias, negative_only)
-    dt = ka.dtype
-    g = grad.to(dt) / a.shape[0]
-    gs = g * scale.to(dt)
-    return ka.mul_(gs).to(a.dtype), kb.mul_(gs).to(b.dtype), (g * ks).to(scale.dtype).reshape(
-        scale.shape), (g * kbias).to(bias.dtype).reshape(bias.shape)
+    return _siglip_scale(grad, a.shape[0], a, b, scale, bias, ka, kb, ks, kbias, True)
 
 
 siglip_loss_backward_op = torch.library.custom_op("vlops::siglip_loss_backward", _siglip_loss_bwd, mutates_args=())
@@ -258,15 +283,24 @@ def _(grad, a, b, scale, bias, negative_only):
 
 
 def _siglip_setup(ctx, inputs, output):
-    a, b, scale, bias, negative_only = inputs
-    ctx.save_for_backward(a, b, scale, bias)
+    a, b, scale, bias, negative_only, with_grad = inputs
+    _, ka, kb, ks, kbias = output
+    ctx.mark_non_differentiable(ka, kb, ks, kbias)
+    ctx.set_materialize_grads(False)  # no zero-filled [N, D] "gradients" of the sums in the backward
+    ctx.save_for_backward(a, b, scale, bias, *((ka, kb, ks, kbias) if with_grad else ()))
     ctx.negative_only = negative_only
 
 
-def _siglip_backward(ctx, grad):
-    a, b, scale, bias = ctx.saved_tensors
+def _siglip_backward(ctx, grad, *_unused):
+    if grad is None:  # the loss got no gradient (grads are not materialised); the sums are not differentiable
+        return (None,) * 6
+    a, b, scale, bias, *sums = ctx.saved_tensors
+    if sums and not torch.is_grad_enabled():
+        # the forward's sums; retain_graph may run this again, so they are not modified
+        return (*_siglip_scale(grad, a.shape[0], a, b, scale, bias, *sums, False), None, None)
+    # no sums, or a backward that builds a graph (create_graph=True): the backward op, as before
     da, db, dscale, dbias = _siglip_loss_backward(grad, a, b, scale, bias, ctx.negative_only)
-    return da, db, dscale, dbias, None
+    return da, db, dscale, dbias, None, None
 
 
 siglip_loss_op.register_autograd(_siglip_backward, setup_context=_siglip_setup)
