@@ -257,7 +257,7 @@ def _(a, b, scale, bias, negative_only, with_grad):
 
 def _siglip_scale(grad, N, a, b, scale, bias, ka, kb, ks, kbias, in_place: bool):
     """The four gradients from the kernel's sums and the incoming gradient of the loss (``loss = sum / N``);
-    ``in_place``: ``ka`` / ``kb`` are scratch and take the product (no [N, D] temporaries)."""
+    ``in_place``: ``ka`` / ``kb`` are not needed again and take the product (no [N, D] temporaries)."""
     dt = ka.dtype
     g = grad.to(dt) / N
     gs = g * scale.to(dt)
@@ -282,29 +282,35 @@ def _(grad, a, b, scale, bias, negative_only):
     return torch.empty_like(a), torch.empty_like(b), torch.empty_like(scale), torch.empty_like(bias)
 
 
-def _siglip_setup(ctx, inputs, output):
+def _siglip_setup(ctx, inputs, output, stash: bool = False):
+    """Saves what the backward needs. The forward's gradient sums (``with_grad``) are saved tensors, or with
+    ``stash`` (the eager path) kept on ``ctx`` for one backward, which scales them in place and drops them: the
+    backward then allocates no [N, D] products beside them. A second backward of a retained graph recomputes."""
     a, b, scale, bias, negative_only, with_grad = inputs
     _, ka, kb, ks, kbias = output
     ctx.mark_non_differentiable(ka, kb, ks, kbias)
     ctx.set_materialize_grads(False)  # no zero-filled [N, D] "gradients" of the sums in the backward
-    ctx.save_for_backward(a, b, scale, bias, *((ka, kb, ks, kbias) if with_grad else ()))
+    sums = (ka, kb, ks, kbias) if with_grad else ()
+    ctx.save_for_backward(a, b, scale, bias, *(() if stash else sums))
+    ctx.sums = sums if stash else ()
     ctx.negative_only = negative_only
 
 
 def _siglip_backward(ctx, grad, *_unused):
     if grad is None:  # the loss got no gradient (grads are not materialised); the sums are not differentiable
         return (None,) * 6
-    a, b, scale, bias, *sums = ctx.saved_tensors
-    if sums and not torch.is_grad_enabled():
-        # the forward's sums; retain_graph may run this again, so they are not modified
-        return (*_siglip_scale(grad, a.shape[0], a, b, scale, bias, *sums, False), None, None)
-    # no sums, or a backward that builds a graph (create_graph=True): the backward op, as before
+    a, b, scale, bias, *saved = ctx.saved_tensors
+    stashed, ctx.sums = ctx.sums, ()
+    if not torch.is_grad_enabled() and (stashed or saved):  # the forward's sums
+        return (*_siglip_scale(grad, a.shape[0], a, b, scale, bias, *(stashed or saved), bool(stashed)), None, None)
+    # no sums left, or a backward that builds a graph (create_graph=True): the backward op, as before
     da, db, dscale, dbias = _siglip_loss_backward(grad, a, b, scale, bias, ctx.negative_only)
     return da, db, dscale, dbias, None, None
 
 
 siglip_loss_op.register_autograd(_siglip_backward, setup_context=_siglip_setup)
-siglip_loss = eager_autograd(siglip_loss_op, _siglip_setup, _siglip_backward, _siglip_loss_fwd)  # vlops.siglip_loss
+siglip_loss = eager_autograd(siglip_loss_op, functools.partial(_siglip_setup, stash=True), _siglip_backward,
+                             _siglip_loss_fwd)  # what vlops.siglip_loss calls
 
 
 # ------------------------------------------------------------------ zero-shot
