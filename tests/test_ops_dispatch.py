@@ -95,6 +95,7 @@ def test_watched_calls_go_through_the_dispatcher(case):
         assert torch.equal(out.detach(), x.detach() * 2)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
 def test_transforms_and_tracing_are_not_dispatch_free():
     seen = []
 
