@@ -246,9 +246,9 @@ def _mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _co_attention_fwd(tq: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor, iq: torch.Tensor, ik: torch.Tensor,
-                    iv: torch.Tensor, t_len: Optional[torch.Tensor], i_len: Optional[torch.Tensor],
-                    t_mask: Optional[torch.Tensor], i_mask: Optional[torch.Tensor], scale: float, mask_mode: int,
-                    dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      iv: torch.Tensor, t_len: Optional[torch.Tensor], i_len: Optional[torch.Tensor],
+                      t_mask: Optional[torch.Tensor], i_mask: Optional[torch.Tensor], scale: float, mask_mode: int,
+                      dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(t_out [B, Nt, H, d], i_out [B, Nv, H, d], t_lse [B, H, Nt], i_lse [B, H, Nv]): the forward contract of
     the module docstring. ``t_len`` / ``i_len`` None: no length limit (N); given ones are range-checked here
     (ValueError naming ``text_lengths`` / ``image_lengths``) before any kernel runs: on the host with no device
@@ -278,13 +278,13 @@ def _(tq, tk, tv, iq, ik, iv, t_len, i_len, t_mask, i_mask, scale, mask_mode, dr
 
 
 def _co_attention_bwd(t_dout: torch.Tensor, i_dout: torch.Tensor, tq: torch.Tensor, tk: torch.Tensor,
-                             tv: torch.Tensor, iq: torch.Tensor, ik: torch.Tensor, iv: torch.Tensor,
-                             t_out: torch.Tensor, i_out: torch.Tensor, t_lse: torch.Tensor, i_lse: torch.Tensor,
-                             t_len: Optional[torch.Tensor], i_len: Optional[torch.Tensor],
-                             t_mask: Optional[torch.Tensor], i_mask: Optional[torch.Tensor], scale: float,
-                             mask_mode: int, dropout_p: float, seed: int
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                        torch.Tensor]:
+                      tv: torch.Tensor, iq: torch.Tensor, ik: torch.Tensor, iv: torch.Tensor,
+                      t_out: torch.Tensor, i_out: torch.Tensor, t_lse: torch.Tensor, i_lse: torch.Tensor,
+                      t_len: Optional[torch.Tensor], i_len: Optional[torch.Tensor],
+                      t_mask: Optional[torch.Tensor], i_mask: Optional[torch.Tensor], scale: float,
+                      mask_mode: int, dropout_p: float, seed: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor]:
     """(d_tq, d_tk, d_tv, d_iq, d_ik, d_iv), contiguous [B, N, H, d] in the input dtype: the backward contract
     of the module docstring."""
     B, Nt, H, d = tq.shape
@@ -324,7 +324,7 @@ def _backward(ctx, g_t, g_i, _g_tlse, _g_ilse):
     g_t = torch.zeros_like(t_out) if g_t is None else g_t
     g_i = torch.zeros_like(i_out) if g_i is None else g_i
     grads = _co_attention_backward(g_t, g_i, tq, tk, tv, iq, ik, iv, t_out, i_out, t_lse, i_lse, t_len, i_len,
-                                     t_mask, i_mask, *ctx.args)
+                                   t_mask, i_mask, *ctx.args)
     return (*grads, None, None, None, None, None, None, None, None)
 
 

@@ -154,7 +154,7 @@ def _targets(a32, b32, labels: Optional[torch.Tensor], eps: float):
 
 
 def _clip_loss_fwd(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, labels: Optional[torch.Tensor],
-                 label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss [] fp32, row_lse [N], col_lse [N]). The bias cancels in the loss (targets sum to one)."""
     row_lse, col_lse = _kernel("contrastive_lse", a.device)(a, b, scale)
     dt = row_lse.dtype
@@ -180,8 +180,8 @@ def _(a, b, scale, labels, label_smoothing):
 
 
 def _clip_loss_bwd(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
-                          row_lse: torch.Tensor, col_lse: torch.Tensor, labels: Optional[torch.Tensor],
-                          label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   row_lse: torch.Tensor, col_lse: torch.Tensor, labels: Optional[torch.Tensor],
+                   label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     N = a.shape[0]
     c = 0.5 / N
     dt = row_lse.dtype

@@ -182,10 +182,10 @@ def _saves_x0(save_x0: bool, use_pn: bool, use_ln: bool) -> bool:
 
 
 def _patch_embed_fwd(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   prefix: Optional[torch.Tensor], pos: Optional[torch.Tensor], pn_weight: Optional[torch.Tensor],
-                   pn_bias: Optional[torch.Tensor], pn_eps: float, use_pn: bool, ln_weight: Optional[torch.Tensor],
-                   ln_bias: Optional[torch.Tensor], ln_eps: float, use_ln: bool,
-                   save_x0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     prefix: Optional[torch.Tensor], pos: Optional[torch.Tensor], pn_weight: Optional[torch.Tensor],
+                     pn_bias: Optional[torch.Tensor], pn_eps: float, use_pn: bool, ln_weight: Optional[torch.Tensor],
+                     ln_bias: Optional[torch.Tensor], ln_eps: float, use_ln: bool,
+                     save_x0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [B, R0 + Gh Gw, D] in ``images.dtype``, x0). ``weight`` [D, C, P, P] (any float dtype; the
     kernel gets it as [D, K] in ``images.dtype``), ``prefix`` [R0, D]: the final rows of the prefix tokens
     (identical for every image, computed by the caller), ``pos`` [Gh Gw, D] (patch rows only); the
@@ -309,11 +309,11 @@ def _bwd_kernel(device: torch.device):
 
 
 def _patch_embed_bwd(grad: torch.Tensor, images: torch.Tensor, weight: torch.Tensor,
-                            bias: Optional[torch.Tensor], prefix: Optional[torch.Tensor], pos: Optional[torch.Tensor],
-                            pn_weight: Optional[torch.Tensor], pn_bias: Optional[torch.Tensor], pn_eps: float,
-                            use_pn: bool, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
-                            ln_eps: float, use_ln: bool, needs: list[bool],
-                            x0: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+                     bias: Optional[torch.Tensor], prefix: Optional[torch.Tensor], pos: Optional[torch.Tensor],
+                     pn_weight: Optional[torch.Tensor], pn_bias: Optional[torch.Tensor], pn_eps: float,
+                     use_pn: bool, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
+                     ln_eps: float, use_ln: bool, needs: list[bool],
+                     x0: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
     """Gradients of those of (images, weight, bias, prefix, pos, pn_weight, pn_bias, ln_weight, ln_bias) that
     are given and ``needs`` asks for, in that order, each in its input's dtype (the backward contract of
     the module docstring; the prefix rows' gradient is the sum of their incoming gradients). ``x0``: the
