@@ -338,6 +338,8 @@ def test_bad_inputs_raise():
         with pytest.raises(RuntimeError):
             _C.siglip_bwd_cpu(x, y, s, bias, False)
         with pytest.raises(RuntimeError):
+            _C.siglip_fwd_bwd_cpu(x, y, s, bias, False)
+        with pytest.raises(RuntimeError):
             _clip_bwd(x, y, s, rl, cl, 0.5, 0.5)
     for bad_scale in (torch.tensor([2.0, 3.0]), torch.tensor(2.0), torch.tensor([2.0], dtype=torch.float64),
                       torch.tensor([[2.0]])):
@@ -347,6 +349,8 @@ def test_bad_inputs_raise():
             _C.siglip_fwd_cpu(a, b, s, bad_scale, False)
         with pytest.raises(RuntimeError):
             _C.siglip_bwd_cpu(a, b, bad_scale, bias, True)
+        with pytest.raises(RuntimeError):
+            _C.siglip_fwd_bwd_cpu(a, b, s, bad_scale, True)
         with pytest.raises(RuntimeError):
             _clip_bwd(a, b, bad_scale, rl, cl, 0.5, 0.5)
     for brl, bcl in ((cl, cl), (rl, rl), (rl.double(), cl), (rl, cl[None]), (rl.half(), cl)):

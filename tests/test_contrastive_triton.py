@@ -233,6 +233,7 @@ def _bad_input_checks(torch, k):
         "row_lse": lambda: k.clip_bwd(a, b, s, torch.zeros(3), torch.zeros(5), 1.0, 1.0, torch.zeros(4),
                                       torch.zeros(5)),
         "dtype": lambda: k.siglip_bwd(a, b.double(), s, s, False),
+        "D": lambda: k.siglip_fwd_bwd(a, torch.randn(5, 7), s, s, False),
         "contiguous": lambda: k.contrastive_lse(torch.randn(8, 4).T, b, s),
         "method": lambda: k.clip_bwd(a, b, s, torch.zeros(4), torch.zeros(5), 1.0, 1.0, torch.zeros(4),
                                      torch.zeros(5), method="tiled"),
