@@ -1,0 +1,342 @@
+"""Contrastive losses across processes (``torch.distributed``): every rank runs the fused tiled kernels on
+its share of the global batch, and no rank ever holds a logits matrix.
+
+:func:`clip_loss` and :func:`siglip_loss` take open_clip's distributed options with open_clip's semantics
+(``open_clip.loss.ClipLoss`` / ``SigLipLoss`` with ``rank`` and ``world_size``), plus a process ``group``:
+
+- CLIP, ``local_loss=False``: every rank gathers the image and text features of all ranks and computes the
+  loss of the whole global batch (the same value on every rank); ``local_loss=True``: rank ``r`` computes
+  the image-to-text cross-entropy of its own images over all texts and the text-to-image one of its own
+  texts over all images (O(n N D) work per rank). ``gather_with_grad=True``: the gathered features carry
+  gradients back to the ranks that own them (the backward sums each rank's gradient of its gathered copy);
+  ``False``: only a rank's own features get gradients, through its own rows (open_clip's default; its
+  gradient is not the global one unless ``local_loss=False``, and then it is the global one divided by
+  the world size after DDP's averaging).
+- SigLIP, every ``dist_impl`` (``"bidir"``, ``"shift"``, ``"reduce"``, ``"gather"``): rank ``r`` computes
+  the sigmoid loss of its own images against the texts of every rank (its own with the positive diagonal,
+  the others' as negatives only), the texts travelling between ranks with their gradients; the four
+  differ only in how the texts travel (neighbour exchanges in both directions, neighbour exchanges in one,
+  ``all_reduce`` broadcasts, one ``all_gather``).
+
+**Exactness.** With ``local_loss=True, gather_with_grad=True`` (CLIP) and for every SigLIP ``dist_impl``,
+the mean over ranks of the rank losses is the loss of one process on the concatenated global batch, and
+each rank's feature gradients are those of the sum of all rank losses: after DDP averages the parameters'
+gradients over ranks they equal the single-process gradients of the global loss exactly, and so do the
+``logit_scale`` / ``logit_bias`` gradients (each rank's is the gradient of its own loss; DDP's mean is the
+global one, no factor of the world size). The same holds for ``local_loss=False, gather_with_grad=True``.
+
+**Unequal batches.** Local batch sizes may differ between ranks (the last batch of an epoch): the features
+are padded for the collectives and the padding dropped. Each rank's loss is then weighted by ``W n_r / N``
+(1 when every rank has ``n_r = N / W`` rows, open_clip's case), so that the mean over ranks stays the
+global loss. A rank whose arguments are invalid (wrong shape, dtype, feature size differing from the other
+ranks', empty batch) makes every rank raise the same ValueError naming that rank: no rank is left waiting
+in a collective.
+
+The image-text pairs of rank ``r`` are rows ``offset_r .. offset_r + n_r`` of the global batch, ranks in
+order. Gradients of the features and of ``logit_scale`` / ``logit_bias`` are computed in the input dtype
+as in the single-process ops (fp32 accumulation). These functions run eagerly (collectives and
+``torch.compile`` are not combined here); the single-process ops underneath are the usual custom ops.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import _validate as _V
+from . import contrastive as _F
+from .ops import contrastive as _op
+
+__all__ = ["clip_loss", "siglip_loss", "group_info"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ------------------------------------------------------------------ process group and metadata
+def group_info(group=None) -> tuple[object, int, int]:
+    """``(group, rank, world_size)`` of ``group`` (default: the default process group). Raises RuntimeError
+    when torch.distributed is not available or no process group is initialised."""
+    if not dist.is_available():
+        raise RuntimeError("torch.distributed is not available in this build of torch")
+    if not dist.is_initialized():
+        raise RuntimeError("the distributed losses need an initialised process group: call "
+                           "torch.distributed.init_process_group first (or use world_size=1)")
+    if group is None:
+        group = dist.group.WORLD
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("group: this process is not a member of the given process group")
+    return group, rank, dist.get_world_size(group)
+
+
+def _exchange(group, world: int, check, device: torch.device) -> tuple[list[int], int]:
+    """Runs ``check()`` (the local argument checks, returning ``(n, D, dtype)``) on every rank and shares the
+    outcome in one ``all_gather``: returns (the row counts of all ranks, D), or raises on every rank when any
+    rank's check failed or the ranks disagree on D or dtype."""
+    err: Optional[BaseException] = None
+    n = d = code = 0
+    try:
+        n, d, dt = check()
+        code = _DTYPES.index(dt)
+    except (TypeError, ValueError) as e:
+        err = e
+    meta = torch.tensor([0 if err is None else 1, n, d, code], dtype=torch.int64, device=device)
+    metas = [torch.empty_like(meta) for _ in range(world)]
+    dist.all_gather(metas, meta, group=group)
+    rows = [m.tolist() for m in metas]
+    bad = [r for r, m in enumerate(rows) if m[0]]
+    if bad:  # every rank learns the messages of the failing ranks, then every rank raises
+        msgs = [None] * world
+        dist.all_gather_object(msgs, None if err is None else f"{type(err).__name__}: {err}", group=group)
+        if err is not None and len(bad) == 1:
+            raise err
+        raise ValueError("invalid arguments on rank(s) " + ", ".join(f"{r} ({msgs[r]})" for r in bad))
+    if len({m[2] for m in rows}) > 1:
+        raise ValueError("the feature dimension D differs between ranks: "
+                         + ", ".join(f"rank {r}: {m[2]}" for r, m in enumerate(rows)))
+    if len({m[3] for m in rows}) > 1:
+        raise ValueError("the feature dtype differs between ranks: "
+                         + ", ".join(f"rank {r}: {_DTYPES[m[3]]}" for r, m in enumerate(rows)))
+    return [m[1] for m in rows], rows[0][2]
+
+
+# ------------------------------------------------------------------ collectives with autograd
+def _gather_rows(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """[sum(sizes), D]: the rows of every rank, ranks in order (padded to max(sizes) for all_gather)."""
+    top = max(sizes)
+    xp = x if x.shape[0] == top else torch.cat([x, x.new_zeros(top - x.shape[0], x.shape[1])])
+    parts = [torch.empty_like(xp) for _ in sizes]
+    dist.all_gather(parts, xp.contiguous(), group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """Gather with gradient: the backward sums the gradient of every rank's gathered copy (all_reduce) and
+    keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, rank, group):
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+        return _gather_rows(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        off = sum(ctx.sizes[:ctx.rank])
+        return g[off:off + ctx.sizes[ctx.rank]], None, None, None
+
+
+def _gather(x, sizes, rank, group, with_grad: bool, keep_local: bool) -> torch.Tensor:
+    """open_clip's ``gather_features`` for one tensor: with gradient, or without (the other ranks' rows
+    detached; with ``keep_local`` this rank's rows are ``x`` itself, so its gradient flows through them)."""
+    if with_grad:
+        return _AllGatherRows.apply(x, sizes, rank, group)
+    with torch.no_grad():
+        full = _gather_rows(x, sizes, group)
+    if not keep_local:
+        return full
+    off = sum(sizes[:rank])
+    return torch.cat([full[:off], x, full[off + sizes[rank]:]])
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        y = x.contiguous().clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+def _p2p(sends, recvs, group):
+    """Posts every send ``(tensor, group rank)`` and receive ``(buffer, group rank)`` together, then waits."""
+    glob = lambda r: dist.get_global_rank(group, r)  # noqa: E731
+    ops = [dist.P2POp(dist.isend, t.contiguous(), glob(p), group) for t, p in sends]
+    ops += [dist.P2POp(dist.irecv, t, glob(p), group) for t, p in recvs]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+
+
+class _Exchange(torch.autograd.Function):
+    """Neighbour exchange with gradient: sends ``xs[k]`` to group rank ``to[k]`` and returns what arrives from
+    ``frm[k]`` (``rows[k]`` rows each), all posted together; the backward sends each received tensor's gradient
+    back to its sender and receives the gradients of ``xs`` from their receivers. Every rank must run the
+    backward (as with any collective that carries gradients)."""
+
+    @staticmethod
+    def forward(ctx, to, frm, rows, group, *xs):
+        ctx.to, ctx.frm, ctx.group, ctx.shapes = to, frm, group, [x.shape for x in xs]
+        out = tuple(xs[0].new_empty(n, xs[0].shape[1]) for n in rows)
+        _p2p(list(zip(xs, to)), list(zip(out, frm)), group)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        back = [grads[0].new_empty(sh) for sh in ctx.shapes]
+        _p2p(list(zip(grads, ctx.frm)), list(zip(back, ctx.to)), ctx.group)
+        return (None, None, None, None, *back)
+
+
+# ------------------------------------------------------------------ CLIP rows of a rectangular block
+class _RowsCE(torch.autograd.Function):
+    """``sum_i [log sum_j exp(s a_i . b_j) - s a_i . t_i]`` for a [n, D] against b [m, D] with target vectors
+    t [n, D] (the positive text of each image, or its smoothed mix): the row cross-entropies of one side of
+    ``local_loss``, tiled by the contrastive kernels (``contrastive_lse`` and ``clip_bwd`` with the column
+    coefficient 0), in the kernels' accumulation dtype."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale, t):
+        row_lse, col_lse = _op._kernel("contrastive_lse", a.device)(a, b, scale)
+        dt = row_lse.dtype
+        u = _op._rowdot(a, t, dt)  # the target dots: the centres of the scale gradient
+        ctx.save_for_backward(a, b, scale, t, row_lse, col_lse, u)
+        return row_lse.sum() - scale.to(dt)[0] * u.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b, scale, t, row_lse, col_lse, u = ctx.saved_tensors
+        dt = row_lse.dtype
+        ka, kb, ks = _op._kernel("clip_bwd", a.device)(a, b, scale, row_lse, col_lse, 1.0, 0.0, u,
+                                                         torch.zeros_like(col_lse))
+        g = g.to(dt)
+        gs = g * scale.to(dt)
+        da = ka.sub_(t.to(dt)).mul_(gs)
+        dtg = a.to(dt) * (-gs)
+        return (da.to(a.dtype), kb.mul_(gs).to(b.dtype), (g * ks).to(scale.dtype).reshape(scale.shape),
+                dtg.to(t.dtype))
+
+
+# ------------------------------------------------------------------ the losses
+def _prepare(image_features, text_features, logit_scale, logit_bias, group, extra=None):
+    """Checks the arguments on every rank at once (see :func:`_exchange`); returns (a, b, scale, bias or None,
+    sizes, rank, world, group, extra's result)."""
+    group, rank, world = group_info(group)
+    got = {}
+
+    def check():
+        a, b = _F._features(image_features, text_features)
+        got["scale"] = _F._scalar(logit_scale, "logit_scale", a)
+        got["bias"] = None if logit_bias is None else _F._scalar(logit_bias, "logit_bias", a)
+        got["extra"] = extra() if extra is not None else None
+        got["a"], got["b"] = a, b
+        return a.shape[0], a.shape[1], a.dtype
+
+    like = image_features.device if isinstance(image_features, torch.Tensor) else torch.device("cpu")
+    dev = like if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    sizes, _ = _exchange(group, world, check, dev)
+    return got["a"], got["b"], got["scale"], got["bias"], sizes, rank, world, group, got["extra"]
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias=None, *,
+              local_loss: bool = False, gather_with_grad: bool = False, label_smoothing: float = 0.0,
+              group=None) -> torch.Tensor:
+    """CLIP / ALIGN loss over the global batch of all ranks of ``group`` (open_clip ``ClipLoss`` with
+    ``world_size > 1``), fused and tiled on every rank.
+
+    Args:
+        image_features, text_features: this rank's [n, D] pairs (n may differ between ranks; D and dtype may
+            not).
+        logit_scale, logit_bias: as :func:`vlops.clip_loss` (the bias cancels: zero gradient).
+        local_loss: False: the loss of the whole global batch on every rank (N x N work per rank); True: this
+            rank's rows and columns only (its images over all texts, its texts over all images).
+        gather_with_grad: gradients flow through the gathered features back to the ranks that own them.
+        label_smoothing: as :func:`vlops.clip_loss`, over the global batch's N classes.
+        group: the process group (default: the default group).
+
+    Returns:
+        This rank's loss, float32 0-d (see the module docstring for what it is and what its gradient is).
+        Every rank of the group must call this (and run the backward) with the same options.
+    """
+    def options():
+        return (_V.boolean(local_loss, "local_loss"), _V.boolean(gather_with_grad, "gather_with_grad"),
+                _V.real(label_smoothing, "label_smoothing", lo=0.0, hi=1.0))
+
+    a, b, scale, bias, sizes, rank, world, group, (local, with_grad, eps) = _prepare(
+        image_features, text_features, logit_scale, logit_bias, group, options)
+    N, n, off = sum(sizes), sizes[rank], sum(sizes[:rank])
+    if not local:
+        A = _gather(a, sizes, rank, group, with_grad, keep_local=True)
+        B = _gather(b, sizes, rank, group, with_grad, keep_local=True)
+        loss = _op.clip_loss(A, B, scale, None, eps)[0]
+    else:
+        A = _gather(a, sizes, rank, group, with_grad, keep_local=False)
+        B = _gather(b, sizes, rank, group, with_grad, keep_local=False)
+        ta, tb = A[off:off + n], B[off:off + n]
+        if eps:  # cross-entropy label smoothing: the target mixes the positive and the mean over all N
+            dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+            ta = (1 - eps) * ta.to(dt) + eps * A.to(dt).mean(0, keepdim=True)
+            tb = (1 - eps) * tb.to(dt) + eps * B.to(dt).mean(0, keepdim=True)
+        loss = (_RowsCE.apply(a, B, scale, tb) + _RowsCE.apply(b, A, scale, ta)) * (world / (2.0 * N))
+        loss = loss.float()
+    if bias is not None:
+        loss = loss + 0.0 * bias.sum()  # the bias cancels; this keeps it in the graph (zero gradient)
+    return loss
+
+
+DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+
+def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias=None, *,
+                dist_impl: str = "bidir", group=None) -> torch.Tensor:
+    """SigLIP loss over the global batch of all ranks of ``group`` (open_clip ``SigLipLoss`` with
+    ``world_size > 1``), fused and tiled on every rank: this rank's images against its own texts (positive
+    diagonal) and against every other rank's texts (negatives), divided by its batch size (weighted by
+    ``W n / N`` when batch sizes differ, see the module docstring).
+
+    ``dist_impl``: how the texts travel: "bidir" (neighbour exchanges in both directions), "shift" (to the
+    right neighbour, W - 1 steps), "reduce" (one all_reduce per rank), "gather" (one all_gather). Every one
+    holds at most the texts of two ranks at a time except "gather" (all of them); all give the same loss and
+    gradients. Every rank of the group must call this (and run the backward) with the same options.
+    """
+    impl = dist_impl
+    a, b, scale, bias, sizes, rank, world, group, _ = _prepare(
+        image_features, text_features, logit_scale, 0.0 if logit_bias is None else logit_bias, group,
+        lambda: _V.choice(impl, "dist_impl", DIST_IMPLS))
+    N, n, off = sum(sizes), sizes[rank], sum(sizes[:rank])
+
+    def block(t, neg):
+        return _F.siglip_loss(a, t, scale, bias, negative_only=neg)  # sum over the block / n
+
+    loss = block(b, False)
+    right, left = (rank + 1) % world, (rank - 1) % world
+    if world == 1:
+        pass
+    elif impl == "gather":
+        B = _gather(b, sizes, rank, group, True, keep_local=False)
+        loss = loss + block(torch.cat([B[:off], B[off + n:]]), True)
+    elif impl == "reduce":
+        # every rank's input carries its gradient (b * 0 on the other ranks) and every output joins the loss,
+        # so that every rank runs each all_reduce's backward, in the same order
+        top = max(sizes)
+        padded = b if top == n else torch.cat([b, b.new_zeros(top - n, b.shape[1])])
+        for i in range(world):
+            t = _AllReduceSum.apply(padded * float(i == rank), group)[:sizes[i]]
+            loss = loss + (block(t, True) if i != rank else 0.0 * t.sum())
+    elif impl == "shift":
+        cur = b
+        for i in range(1, world):
+            (cur,) = _Exchange.apply((right,), (left,), (sizes[(rank - i) % world],), group, cur)
+            loss = loss + block(cur, True)
+    else:  # bidir: the texts from the left keep moving right, those from the right keep moving left
+        to_left = to_right = b
+        pairs, rem = divmod(world - 1, 2)
+        for i in range(1, pairs + 1):
+            from_left, from_right = _Exchange.apply(
+                (right, left), (left, right), (sizes[(rank - i) % world], sizes[(rank + i) % world]), group,
+                to_right, to_left)
+            loss = loss + block(from_left, True) + block(from_right, True)
+            to_right, to_left = from_left, from_right
+        if rem:
+            (from_left,) = _Exchange.apply((right,), (left,), (sizes[(rank - pairs - 1) % world],), group, to_right)
+            loss = loss + block(from_left, True)
+    if N != world * n:
+        loss = loss * (world * n / N)
+    return loss
