@@ -251,8 +251,12 @@ def test_bad_input_errors():
         (lambda: vlops.clip_loss(a, b.to("meta"), 1.0), ValueError, "device"),
         (lambda: vlops.siglip_loss(a, b, 1.0, torch.ones(1, 2)), ValueError, "logit_bias"),
         (lambda: vlops.zero_shot_classify(a, b, 1.0, k=9), ValueError, "k must"),
-        (lambda: vlops.nn.ClipLoss(world_size=2), NotImplementedError, "not yet"),
-        (lambda: vlops.nn.SigLipLoss(world_size=4), NotImplementedError, "not yet"),
+        (lambda: vlops.nn.ClipLoss(world_size=2), RuntimeError, "init_process_group"),
+        (lambda: vlops.nn.SigLipLoss(world_size=4), RuntimeError, "init_process_group"),
+        (lambda: vlops.nn.ClipLoss(rank=1), ValueError, "rank must be 0"),
+        (lambda: vlops.nn.ClipLoss(world_size=0), ValueError, "world_size"),
+        (lambda: vlops.nn.SigLipLoss(dist_impl="ring"), ValueError, "dist_impl"),
+        (lambda: vlops.distributed.clip_loss(a, b, 1.0), RuntimeError, "init_process_group"),
     ]
     for fn, exc, words in cases:
         with pytest.raises(exc, match=words):

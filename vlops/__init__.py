@@ -6,6 +6,8 @@ chosen per call by :func:`use_backend` / ``VLOPS_BACKEND`` / ``auto``):
 - :func:`ddpm_step`, :func:`ddim_step`, :class:`DiffusionSchedule`: the fused diffusion denoising step.
 - :func:`clip_loss` (CLIP / ALIGN / UniCL), :func:`siglip_loss`, :func:`zero_shot_classify`: tiled
   contrastive losses that never store the N x N logits.
+- :mod:`vlops.distributed`: the CLIP and SigLIP losses across the ranks of a torch.distributed process group
+  (open_clip's distributed options), each rank on the fused kernels.
 - :func:`co_attention`: ViLBERT's co-attention (text queries over image keys and image queries over text
   keys, each with the other stream's key padding) in one launch, forward and backward.
 - :func:`use_backend`, :func:`available_backends`, :func:`show_config`.
@@ -20,6 +22,7 @@ from ._backends import BACKENDS, BackendUnavailableError, requested_backend, una
 from .contrastive import clip_loss, siglip_loss, zero_shot_classify
 from .diffusion import DiffusionSchedule, ddim_step, ddpm_step
 from .stem import patch_embed
+from . import distributed  # noqa: E402  (the losses across ranks: vlops.distributed.clip_loss / siglip_loss)
 from . import nn  # noqa: E402  (drop-in modules; imports nothing beyond torch)
 
 __all__ = [
