@@ -112,6 +112,20 @@ def main(rank: int, world: int, init: str, out: str) -> None:
         compare(tag, sizes, lambda i, t, s, b: VD.clip_loss(i, t, s, b, local_loss=True, gather_with_grad=True,
                                                             label_smoothing=0.1),
                 lambda i, t, s, b: vlops.clip_loss(i, t, s, b, label_smoothing=0.1), "mean", rank_sum_grads=True)
+        tag = f"clip/{label}/ring"
+        compare(tag, sizes, lambda i, t, s, b: vlops.nn.ClipLoss(local_loss=True, gather_with_grad=True, ring=True)(
+                    i, t, s, b), lambda i, t, s, b: vlops.clip_loss(i, t, s, b), "mean", rank_sum_grads=True)
+        # the ring gives each rank the loss and feature gradients of the gathered local_loss path
+        img, txt = global_batch(sizes, seed=11)
+        off, n = sum(sizes[:rank]), sizes[rank]
+        ring = run(lambda i, t, s, b: VD.clip_loss(i, t, s, b, local_loss=True, gather_with_grad=True, ring=True),
+                   img[off:off + n], txt[off:off + n], scale, bias)
+        gathered = run(lambda i, t, s, b: VD.clip_loss(i, t, s, b, local_loss=True, gather_with_grad=True),
+                       img[off:off + n], txt[off:off + n], scale, bias)
+        errs[f"{tag}/gathered/loss"] = rel(ring[0], gathered[0])
+        errs[f"{tag}/gathered/dimage"] = rel(ring[1][0], gathered[1][0])
+        errs[f"{tag}/gathered/dtext"] = rel(ring[1][1], gathered[1][1])
+        errs[f"{tag}/gathered/dbias"] = rel(ring[1][3], gathered[1][3])
         for impl in VD.DIST_IMPLS:
             def oc_sig(i, t, s, b, impl=impl):
                 return oc.SigLipLoss(rank=rank, world_size=world, dist_impl=impl)(i, t, s, b)
@@ -139,8 +153,8 @@ def main(rank: int, world: int, init: str, out: str) -> None:
         dist.barrier()
 
     # DDP: the parameters' gradients after DDP's averaging equal the single-process gradients of the global loss
-    for kind, sizes, label in (("clip", equal, "equal"), ("clip", unequal, "unequal"), ("siglip", equal, "equal"),
-                               ("siglip", unequal, "unequal")):
+    for kind, sizes, label in (("clip", equal, "equal"), ("clip", unequal, "unequal"), ("ring", equal, "equal"),
+                               ("ring", unequal, "unequal"), ("siglip", equal, "equal"), ("siglip", unequal, "unequal")):
         torch.manual_seed(0)
         model = Towers()
         ref_model = Towers()
@@ -150,10 +164,10 @@ def main(rank: int, world: int, init: str, out: str) -> None:
         xi, xt = torch.randn(N, 10, generator=g), torch.randn(N, 12, generator=g)
         off, n = sum(sizes[:rank]), sizes[rank]
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        loss_fn = (vlops.nn.ClipLoss(local_loss=True, gather_with_grad=True) if kind == "clip"
-                   else vlops.nn.SigLipLoss(dist_impl="bidir"))
+        loss_fn = (vlops.nn.SigLipLoss(dist_impl="bidir") if kind == "siglip"
+                   else vlops.nn.ClipLoss(local_loss=True, gather_with_grad=True, ring=kind == "ring"))
         loss_fn(*ddp(xi[off:off + n], xt[off:off + n])).backward()
-        single_fn = vlops.clip_loss if kind == "clip" else vlops.siglip_loss
+        single_fn = vlops.siglip_loss if kind == "siglip" else vlops.clip_loss
         single_fn(*ref_model(xi, xt)).backward()
         for (name, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
             if q.grad.abs().sum() > 0:
@@ -170,6 +184,7 @@ def main(rank: int, world: int, init: str, out: str) -> None:
             img[mine].unsqueeze(0) if rank == 0 else img[mine], txt[mine], 5.0, 0.0),
         "image and text batch differ on rank 0": lambda: VD.clip_loss(
             img[mine][: 6 - (rank == 0)], txt[mine], 5.0, local_loss=True),
+        "ring without local_loss on every rank": lambda: VD.clip_loss(img[mine], txt[mine], 5.0, ring=True),
         "dtype differs on rank 1": lambda: VD.clip_loss(
             img[mine].double() if rank == 1 else img[mine], txt[mine].double() if rank == 1 else txt[mine], 5.0),
     }

@@ -79,8 +79,8 @@ def test_exact_global_loss_and_gradients(ranks, loss, sizes):
     world, results = ranks
     errs = {k: v for k, v in _checked(results, f"{loss}/{sizes}/").items() if "/single/" in k}
     # CLIP: local_loss False (both gather modes), local_loss + gather_with_grad, and with label smoothing; SigLIP:
-    # every dist_impl (4 cases each); loss, both feature gradients, scale (and SigLIP's bias) per rank
-    assert len({k.split("/single/")[0] for k in errs}) == 4 * world
+    # every dist_impl (4 cases each); CLIP also the ring; loss, both feature gradients, scale (and SigLIP's bias)
+    assert len({k.split("/single/")[0] for k in errs}) == (5 if loss == "clip" else 4) * world
     assert any("dscale" in k for k in errs) and any("dtext" in k for k in errs)
     _assert_within(errs, f"{loss} ({sizes} batches) vs the single-process loss on the global batch")
 
@@ -88,11 +88,19 @@ def test_exact_global_loss_and_gradients(ranks, loss, sizes):
 def test_ddp_gradients_equal_single_process(ranks):
     world, results = ranks
     errs = _checked(results, "ddp/")
-    for kind in ("clip", "siglip"):
+    for kind in ("clip", "ring", "siglip"):
         for sizes in ("equal", "unequal"):
             assert any(k.endswith(f"ddp/{kind}/{sizes}/dimg.weight") for k in errs), (kind, sizes)
     assert any("dlogit_scale" in k for k in errs) and any("siglip/equal/dlogit_bias" in k for k in errs)
     _assert_within(errs, "DDP-averaged parameter gradients vs single-process training")
+
+
+@pytest.mark.parametrize("sizes", ["equal", "unequal"])
+def test_ring_equals_the_gathered_local_loss(ranks, sizes):
+    world, results = ranks
+    errs = {k: v for k, v in _checked(results, f"clip/{sizes}/ring/gathered/").items()}
+    assert len(errs) == 4 * world  # loss, both feature gradients and the (zero) bias gradient, every rank
+    _assert_within(errs, f"the ring vs the gathered local_loss path ({sizes} batches)")
 
 
 def test_subgroup(ranks):
@@ -118,6 +126,7 @@ def test_bad_input_on_one_rank_raises_on_every_rank(ranks):
         "3-D features on rank 0": ["image_features must be 2-D"],
         "image and text batch differ on rank 0": ["same batch size"],
         "dtype differs on rank 1": ["dtype differs", "rank 1: torch.float64"],
+        "ring without local_loss on every rank": ["ring=True", "local_loss=True"],
     }
     for case, words in expect.items():
         for r, res in enumerate(results):

@@ -7,7 +7,8 @@ its share of the global batch, and no rank ever holds a logits matrix.
 - CLIP, ``local_loss=False``: every rank gathers the image and text features of all ranks and computes the
   loss of the whole global batch (the same value on every rank); ``local_loss=True``: rank ``r`` computes
   the image-to-text cross-entropy of its own images over all texts and the text-to-image one of its own
-  texts over all images (O(n N D) work per rank). ``gather_with_grad=True``: the gathered features carry
+  texts over all images (O(n N D) work per rank); ``ring=True`` computes that loss with the texts travelling
+  between neighbours instead of gathered (O(n D) features per rank, transfers overlapping the tiles). ``gather_with_grad=True``: the gathered features carry
   gradients back to the ranks that own them (the backward sums each rank's gradient of its gathered copy);
   ``False``: only a rank's own features get gradients, through its own rows (open_clip's default; its
   gradient is not the global one unless ``local_loss=False``, and then it is the global one divided by
@@ -89,7 +90,7 @@ def _exchange(group, world: int, check, device: torch.device) -> tuple[list[int]
     if bad:  # every rank learns the messages of the failing ranks, then every rank raises
         msgs = [None] * world
         dist.all_gather_object(msgs, None if err is None else f"{type(err).__name__}: {err}", group=group)
-        if err is not None and len(bad) == 1:
+        if err is not None:  # a failing rank raises its own error; the others name the failing ranks
             raise err
         raise ValueError("invalid arguments on rank(s) " + ", ".join(f"{r} ({msgs[r]})" for r in bad))
     if len({m[2] for m in rows}) > 1:
@@ -156,12 +157,18 @@ class _AllReduceSum(torch.autograd.Function):
         return g, None
 
 
-def _p2p(sends, recvs, group):
-    """Posts every send ``(tensor, group rank)`` and receive ``(buffer, group rank)`` together, then waits."""
+def _post(sends, recvs, group) -> list:
+    """Posts every send ``(tensor, group rank)`` and receive ``(buffer, group rank)`` together; returns the
+    requests (wait on them before touching the buffers)."""
     glob = lambda r: dist.get_global_rank(group, r)  # noqa: E731
     ops = [dist.P2POp(dist.isend, t.contiguous(), glob(p), group) for t, p in sends]
     ops += [dist.P2POp(dist.irecv, t, glob(p), group) for t, p in recvs]
-    for req in dist.batch_isend_irecv(ops):
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _p2p(sends, recvs, group):
+    """:func:`_post`, then wait."""
+    for req in _post(sends, recvs, group):
         req.wait()
 
 
@@ -214,6 +221,96 @@ class _RowsCE(torch.autograd.Function):
                 dtg.to(t.dtype))
 
 
+# ------------------------------------------------------------------ CLIP on a ring
+class _RingClip(torch.autograd.Function):
+    """The CLIP loss of ``local_loss=True, gather_with_grad=True`` with the texts travelling round the ring
+    instead of being gathered: a rank holds its own features, one or two text blocks of another rank and
+    O(n) statistics, never the global batch.
+
+    Forward, W steps: rank r computes the block of its images against the text block it holds (its own
+    first, then those of r - 1, r - 2, ...) with ``contrastive_lse``; the row log-sum-exps of its images
+    accumulate locally, the column ones travel with the text block; the next block's transfer runs while the
+    current one is computed. After W steps each text block's column statistics are complete and go home.
+    Backward, the same ring: each block's ``clip_bwd`` (the row coefficient from its image owner's incoming
+    gradient, the column one from its text owner's) adds to the local image gradient and to the travelling
+    gradient of the text block, which goes home at the end. Work per rank: the ``n x N`` blocks of its
+    images, once forward and once backward (half the tiles of the gathered ``local_loss`` path, which computes
+    both directions' rows)."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale, sizes, rank, world, group):
+        lse = _op._kernel("contrastive_lse", a.device)
+        N, n = sum(sizes), sizes[rank]
+        right, left = (rank + 1) % world, (rank - 1) % world
+        row = None
+        t, col = b, None
+        for step in range(world):
+            nxt = (rank - step - 1) % world  # the owner of the block that arrives next
+            reqs, t_next = [], None
+            if step < world - 1:  # the next text block travels while this one is computed
+                t_next = t.new_empty(sizes[nxt], t.shape[1])
+                reqs = _post([(t, right)], [(t_next, left)], group)
+            r_lse, c_lse = lse(a, t, scale)
+            row = r_lse if row is None else torch.logaddexp(row, r_lse)
+            col = c_lse if col is None else torch.logaddexp(col, c_lse)
+            for q in reqs:
+                q.wait()
+            # the column statistics follow their block (after the last step: home, to the block's owner)
+            col_in = col.new_empty(sizes[nxt if step < world - 1 else rank])
+            _p2p([(col, right)], [(col_in, left)], group)
+            col = col_in
+            if t_next is not None:
+                t = t_next
+        dt = row.dtype
+        u = _op._rowdot(a, b, dt)  # the positive dots a_i . b_i
+        ctx.save_for_backward(a, b, scale, row, col, u)
+        ctx.sizes, ctx.rank, ctx.world, ctx.group = sizes, rank, world, group
+        w = world / (2.0 * N)
+        return ((row.sum() + col.sum() - 2 * scale.to(dt)[0] * u.sum()) * w).float()
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b, scale, row, col, u = ctx.saved_tensors
+        sizes, rank, world, group = ctx.sizes, ctx.rank, ctx.world, ctx.group
+        bwd = _op._kernel("clip_bwd", a.device)
+        N = sum(sizes)
+        w = world / (2.0 * N)
+        right, left = (rank + 1) % world, (rank - 1) % world
+        dt = row.dtype
+        # every rank's incoming gradient: the row terms of a block are its image owner's loss, the column
+        # terms its text owner's
+        gs = [torch.zeros(1, dtype=torch.float64, device=g.device) for _ in range(world)]
+        dist.all_gather(gs, g.detach().to(torch.float64).reshape(1).to(
+            g.device if dist.get_backend(group) == "nccl" else "cpu"), group=group)
+        coef = [float(x.item()) * w for x in gs]
+        da = ds = None
+        t, t_col, t_u, dt_acc = b, col, u, None
+        for step in range(world):
+            q = (rank - step) % world  # the owner of the text block held now
+            nxt = (rank - step - 1) % world
+            reqs, nb = [], None
+            if step < world - 1:
+                nb = (t.new_empty(sizes[nxt], t.shape[1]), t_col.new_empty(sizes[nxt]), t_u.new_empty(sizes[nxt]))
+                reqs = _post([(t, right), (t_col, right), (t_u, right)], [(x, left) for x in nb], group)
+            ka, kb, ks = bwd(a, t, scale, row, t_col, coef[rank], coef[q], u, t_u)
+            da = ka if da is None else da.add_(ka)
+            ds = ks if ds is None else ds.add_(ks)
+            dt_acc = kb if dt_acc is None else dt_acc.add_(kb)
+            for r_ in reqs:
+                r_.wait()
+            acc_in = dt_acc.new_empty(sizes[nxt if step < world - 1 else rank], dt_acc.shape[1])
+            _p2p([(dt_acc, right)], [(acc_in, left)], group)  # the text gradient follows its block (home at the end)
+            dt_acc = acc_in
+            if nb is not None:
+                t, t_col, t_u = nb
+        s = scale.to(dt)
+        pos = 2 * coef[rank] * s  # the positive term -(W / N) s sum_i a_i . b_i, times this rank's gradient
+        da = da.mul_(s).sub_(b.to(dt) * pos)
+        db = dt_acc.mul_(s).sub_(a.to(dt) * pos)
+        return da.to(a.dtype), db.to(b.dtype), ds.to(scale.dtype).reshape(scale.shape), None, None, None, None
+
+
+
 # ------------------------------------------------------------------ the losses
 def _prepare(image_features, text_features, logit_scale, logit_bias, group, extra=None):
     """Checks the arguments on every rank at once (see :func:`_exchange`); returns (a, b, scale, bias or None,
@@ -237,7 +334,7 @@ def _prepare(image_features, text_features, logit_scale, logit_bias, group, extr
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias=None, *,
               local_loss: bool = False, gather_with_grad: bool = False, label_smoothing: float = 0.0,
-              group=None) -> torch.Tensor:
+              ring: bool = False, group=None) -> torch.Tensor:
     """CLIP / ALIGN loss over the global batch of all ranks of ``group`` (open_clip ``ClipLoss`` with
     ``world_size > 1``), fused and tiled on every rank.
 
@@ -249,6 +346,12 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
             rank's rows and columns only (its images over all texts, its texts over all images).
         gather_with_grad: gradients flow through the gathered features back to the ranks that own them.
         label_smoothing: as :func:`vlops.clip_loss`, over the global batch's N classes.
+        ring: compute the ``local_loss=True, gather_with_grad=True`` loss (pass both) with the texts travelling
+            between neighbours (each transfer overlapping the previous block's tiles) instead of gathered: a
+            rank holds O(n D) features at a time instead of O(N D), forward and backward, and computes each
+            of its n x N tiles once per pass. The same loss and feature gradients; ``logit_scale``'s gradient
+            is split differently between the ranks (each rank gets the scale terms of the tiles it computed),
+            with the same sum, so DDP's mean is the same exact global gradient. No label smoothing.
         group: the process group (default: the default group).
 
     Returns:
@@ -256,13 +359,20 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         Every rank of the group must call this (and run the backward) with the same options.
     """
     def options():
-        return (_V.boolean(local_loss, "local_loss"), _V.boolean(gather_with_grad, "gather_with_grad"),
-                _V.real(label_smoothing, "label_smoothing", lo=0.0, hi=1.0))
+        opts = (_V.boolean(local_loss, "local_loss"), _V.boolean(gather_with_grad, "gather_with_grad"),
+                _V.real(label_smoothing, "label_smoothing", lo=0.0, hi=1.0), _V.boolean(ring, "ring"))
+        if ring and not (local_loss and gather_with_grad):
+            raise ValueError("ring=True computes the loss of local_loss=True, gather_with_grad=True: pass both")
+        if ring and label_smoothing:
+            raise ValueError("label_smoothing is not supported with ring=True (use the gathered local_loss path)")
+        return opts
 
-    a, b, scale, bias, sizes, rank, world, group, (local, with_grad, eps) = _prepare(
+    a, b, scale, bias, sizes, rank, world, group, (local, with_grad, eps, on_ring) = _prepare(
         image_features, text_features, logit_scale, logit_bias, group, options)
     N, n, off = sum(sizes), sizes[rank], sum(sizes[:rank])
-    if not local:
+    if on_ring and world > 1:
+        loss = _RingClip.apply(a, b, scale, sizes, rank, world, group)
+    elif not local:
         A = _gather(a, sizes, rank, group, with_grad, keep_local=True)
         B = _gather(b, sizes, rank, group, with_grad, keep_local=True)
         loss = _op.clip_loss(A, B, scale, None, eps)[0]

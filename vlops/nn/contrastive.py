@@ -48,13 +48,14 @@ class ClipLoss(nn.Module):
     the loss, or ``{"contrastive_loss": loss}``. ``rank`` / ``world_size`` default to those of the initialised
     process group (``group``, default the default group), or to a single process; with ``world_size > 1``
     ``local_loss`` and ``gather_with_grad`` have open_clip's meaning (see :mod:`vlops.distributed`). Extra
-    keywords: ``label_smoothing``, ``group``. ``cache_labels`` is accepted and has no effect (no labels tensor
+    keywords: ``label_smoothing``, ``ring`` (with ``local_loss=True, gather_with_grad=True``: the texts travel
+    round the ranks instead of being gathered, see :func:`vlops.distributed.clip_loss`), ``group``. ``cache_labels`` is accepted and has no effect (no labels tensor
     is built).
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
                  rank: Optional[int] = None, world_size: Optional[int] = None, use_horovod: bool = False,
-                 label_smoothing: float = 0.0, group=None):
+                 label_smoothing: float = 0.0, ring: bool = False, group=None):
         super().__init__()
         if use_horovod:
             raise NotImplementedError("vlops.nn.ClipLoss: horovod is not supported; use torch.distributed")
@@ -64,13 +65,14 @@ class ClipLoss(nn.Module):
         self.cache_labels = cache_labels
         self.use_horovod = use_horovod
         self.label_smoothing = label_smoothing
+        self.ring = ring
         self.group = group
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
         if self.world_size > 1:
             loss = D.clip_loss(image_features, text_features, logit_scale, logit_bias, local_loss=self.local_loss,
                                gather_with_grad=self.gather_with_grad, label_smoothing=self.label_smoothing,
-                               group=self.group)
+                               ring=self.ring, group=self.group)
         else:
             loss = F.clip_loss(image_features, text_features, logit_scale, logit_bias,
                                label_smoothing=self.label_smoothing)
