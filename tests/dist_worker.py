@@ -1,6 +1,8 @@
 """One rank of the multi-process tests of tests/test_distributed.py (a gloo process group on CPU tensors).
 
-    python tests/dist_worker.py RANK WORLD INIT_FILE OUT_JSON
+    python tests/dist_worker.py RANK WORLD INIT_FILE OUT_JSON [gloo|nccl]
+
+(nccl: one CUDA device per rank, the features on it.)
 
 Every rank builds the same global batch from a fixed seed, keeps its own rows, runs the distributed losses
 and writes, as JSON, relative errors (``errs``: name -> ||x - ref|| / ||ref||, checked by the test against the
@@ -20,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 D = 24
+DEVICE = torch.device("cpu")  # cuda:RANK with nccl
 
 
 def rel(x, ref) -> float:
@@ -37,21 +40,25 @@ def global_batch(sizes, seed):
     N = sum(sizes)
     img = F.normalize(torch.randn(N, D, generator=g), dim=-1)
     txt = F.normalize(img + 0.7 * torch.randn(N, D, generator=g), dim=-1)  # correlated pairs: a real signal
-    return img, txt
+    return img.to(DEVICE), txt.to(DEVICE)
 
 
 def run(fn, img, txt, scale, bias):
     """Loss and the gradients of (img, txt, scale, bias) of ``fn`` on fresh leaves."""
     leaves = [img.clone().requires_grad_(), txt.clone().requires_grad_(),
-              torch.tensor(scale, requires_grad=True), torch.tensor(bias, requires_grad=True)]
+              torch.tensor(scale, requires_grad=True, device=DEVICE), torch.tensor(bias, requires_grad=True, device=DEVICE)]
     loss = fn(*leaves)
     loss.backward()
     grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
     return loss.detach(), grads
 
 
-def main(rank: int, world: int, init: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+def main(rank: int, world: int, init: str, out: str, backend: str = "gloo") -> None:
+    global DEVICE
+    if backend == "nccl":
+        DEVICE = torch.device("cuda", rank)
+        torch.cuda.set_device(DEVICE)
+    dist.init_process_group(backend, init_method=f"file://{init}", rank=rank, world_size=world)
     import open_clip.loss as oc
 
     import vlops
@@ -60,10 +67,12 @@ def main(rank: int, world: int, init: str, out: str) -> None:
     errs, raised = {}, {}
     scale, bias = 9.0, -2.0
 
-    def compare(tag, sizes, fn_dist, fn_single, exact, rank_sum_grads, oc_fn=None, group_ranks=None, group=None):
+    def compare(tag, sizes, fn_dist, fn_single, exact, rank_sum_grads, oc_fn=None, group_ranks=None, group=None,
+                scale_split=False):
         """Runs ``fn_dist`` on this rank's rows; ``exact``: "same" (every rank's loss is the global one) or
         "mean" (the mean over ranks is); ``rank_sum_grads``: the feature gradients are those of the sum over
-        ranks (W x the single-process ones) rather than of this rank's loss alone."""
+        ranks (W x the single-process ones) rather than of this rank's loss alone; ``scale_split``: the scale
+        gradient is split between the ranks otherwise than open_clip's (compared by its mean over ranks)."""
         members = list(range(world)) if group_ranks is None else group_ranks
         W = len(members)
         img, txt = global_batch(sizes, seed=len(tag) + 7 * len(sizes))
@@ -74,6 +83,11 @@ def main(rank: int, world: int, init: str, out: str) -> None:
             oloss, ograds = run(oc_fn, img[off:off + n], txt[off:off + n], scale, bias)
             errs[f"{tag}/open_clip/loss"] = rel(loss, oloss)
             for name, g, og in zip(("image", "text", "scale", "bias"), grads, ograds):
+                if name == "scale" and scale_split:
+                    both = [None] * len(members)
+                    dist.all_gather_object(both, (g.detach(), og.detach()), group=group)
+                    g, og = torch.stack([x for x, _ in both]).mean(), torch.stack([y for _, y in both]).mean()
+                    name = "scale (mean over ranks)"
                 if og.abs().sum() > 0 or g.abs().sum() > 0:
                     errs[f"{tag}/open_clip/d{name}"] = rel(g, og)
         if exact is None:
@@ -107,7 +121,7 @@ def main(rank: int, world: int, init: str, out: str) -> None:
                 # exact: local_loss=False (every rank the global loss), local_loss=True with gather_with_grad
                 exact = "same" if not local else ("mean" if gwg else None)
                 compare(tag, sizes, fn_dist, lambda i, t, s, b: vlops.clip_loss(i, t, s, b), exact,
-                        rank_sum_grads=gwg, oc_fn=oc_fn if label == "equal" else None)
+                        rank_sum_grads=gwg, oc_fn=oc_fn if label == "equal" else None, scale_split=local and gwg)
         tag = f"clip/{label}/local_loss=True/gather_with_grad=True/label_smoothing=0.1"
         compare(tag, sizes, lambda i, t, s, b: VD.clip_loss(i, t, s, b, local_loss=True, gather_with_grad=True,
                                                             label_smoothing=0.1),
@@ -126,6 +140,7 @@ def main(rank: int, world: int, init: str, out: str) -> None:
         errs[f"{tag}/gathered/dimage"] = rel(ring[1][0], gathered[1][0])
         errs[f"{tag}/gathered/dtext"] = rel(ring[1][1], gathered[1][1])
         errs[f"{tag}/gathered/dbias"] = rel(ring[1][3], gathered[1][3])
+        errs[f"{tag}/gathered/dscale"] = rel(ring[1][2], gathered[1][2])  # the same tiles' scale terms per rank
         for impl in VD.DIST_IMPLS:
             def oc_sig(i, t, s, b, impl=impl):
                 return oc.SigLipLoss(rank=rank, world_size=world, dist_impl=impl)(i, t, s, b)
@@ -156,14 +171,14 @@ def main(rank: int, world: int, init: str, out: str) -> None:
     for kind, sizes, label in (("clip", equal, "equal"), ("clip", unequal, "unequal"), ("ring", equal, "equal"),
                                ("ring", unequal, "unequal"), ("siglip", equal, "equal"), ("siglip", unequal, "unequal")):
         torch.manual_seed(0)
-        model = Towers()
-        ref_model = Towers()
+        model = Towers().to(DEVICE)
+        ref_model = Towers().to(DEVICE)
         ref_model.load_state_dict(model.state_dict())
         g = torch.Generator().manual_seed(5)
         N = sum(sizes)
-        xi, xt = torch.randn(N, 10, generator=g), torch.randn(N, 12, generator=g)
+        xi, xt = torch.randn(N, 10, generator=g).to(DEVICE), torch.randn(N, 12, generator=g).to(DEVICE)
         off, n = sum(sizes[:rank]), sizes[rank]
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[DEVICE] if DEVICE.type == "cuda" else None)
         loss_fn = (vlops.nn.SigLipLoss(dist_impl="bidir") if kind == "siglip"
                    else vlops.nn.ClipLoss(local_loss=True, gather_with_grad=True, ring=kind == "ring"))
         loss_fn(*ddp(xi[off:off + n], xt[off:off + n])).backward()
@@ -224,4 +239,4 @@ class Towers(torch.nn.Module):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], *sys.argv[5:6])

@@ -103,13 +103,19 @@ def _exchange(group, world: int, check, device: torch.device) -> tuple[list[int]
 
 
 # ------------------------------------------------------------------ collectives with autograd
+# gather into one tensor: all_gather_single where torch has it (all_gather_into_tensor is deprecated there)
+_ALL_GATHER_INTO = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _gather_rows(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
     """[sum(sizes), D]: the rows of every rank, ranks in order (padded to max(sizes) for all_gather)."""
     top = max(sizes)
     xp = x if x.shape[0] == top else torch.cat([x, x.new_zeros(top - x.shape[0], x.shape[1])])
-    parts = [torch.empty_like(xp) for _ in sizes]
-    dist.all_gather(parts, xp.contiguous(), group=group)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+    out = x.new_empty(top * len(sizes), x.shape[1])
+    _ALL_GATHER_INTO(out, xp.contiguous(), group=group)  # no list of parts, no concatenation
+    if all(n == top for n in sizes):
+        return out
+    return torch.cat([out[r * top:r * top + n] for r, n in enumerate(sizes)])
 
 
 class _AllGatherRows(torch.autograd.Function):
@@ -126,7 +132,8 @@ class _AllGatherRows(torch.autograd.Function):
         g = g.contiguous().clone()
         dist.all_reduce(g, group=ctx.group)
         off = sum(ctx.sizes[:ctx.rank])
-        return g[off:off + ctx.sizes[ctx.rank]], None, None, None
+        # a copy of this rank's rows, so that the [N, D] sum is freed (a view would keep it alive in x.grad)
+        return g[off:off + ctx.sizes[ctx.rank]].clone(), None, None, None
 
 
 def _gather(x, sizes, rank, group, with_grad: bool, keep_local: bool) -> torch.Tensor:
@@ -279,10 +286,7 @@ class _RingClip(torch.autograd.Function):
         dt = row.dtype
         # every rank's incoming gradient: the row terms of a block are its image owner's loss, the column
         # terms its text owner's
-        gs = [torch.zeros(1, dtype=torch.float64, device=g.device) for _ in range(world)]
-        dist.all_gather(gs, g.detach().to(torch.float64).reshape(1).to(
-            g.device if dist.get_backend(group) == "nccl" else "cpu"), group=group)
-        coef = [float(x.item()) * w for x in gs]
+        coef = _coefficients(g, w, world, group)
         da = ds = None
         t, t_col, t_u, dt_acc = b, col, u, None
         for step in range(world):
@@ -296,6 +300,7 @@ class _RingClip(torch.autograd.Function):
             da = ka if da is None else da.add_(ka)
             ds = ks if ds is None else ds.add_(ks)
             dt_acc = kb if dt_acc is None else dt_acc.add_(kb)
+            del ka, kb  # the block's outputs, now in the accumulators
             for r_ in reqs:
                 r_.wait()
             acc_in = dt_acc.new_empty(sizes[nxt if step < world - 1 else rank], dt_acc.shape[1])
@@ -303,11 +308,83 @@ class _RingClip(torch.autograd.Function):
             dt_acc = acc_in
             if nb is not None:
                 t, t_col, t_u = nb
-        s = scale.to(dt)
-        pos = 2 * coef[rank] * s  # the positive term -(W / N) s sum_i a_i . b_i, times this rank's gradient
-        da = da.mul_(s).sub_(b.to(dt) * pos)
-        db = dt_acc.mul_(s).sub_(a.to(dt) * pos)
+        da, db = _finish(da, dt_acc, a, b, scale, coef[rank])
         return da.to(a.dtype), db.to(b.dtype), ds.to(scale.dtype).reshape(scale.shape), None, None, None, None
+
+
+def _coefficients(g, w: float, world: int, group) -> list[float]:
+    """``w`` times the incoming gradient of every rank's loss (one all_gather of a scalar): the coefficient of
+    the row terms of a tile is its image owner's, that of the column terms its text owner's."""
+    dev = g.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    gs = [torch.zeros(1, dtype=torch.float64, device=dev) for _ in range(world)]
+    dist.all_gather(gs, g.detach().to(device=dev, dtype=torch.float64).reshape(1), group=group)
+    return [float(x.item()) * w for x in gs]
+
+
+def _finish(ka, kb, a, b, scale, c):
+    """The feature gradients of a rank's own pairs from the accumulated tile sums ``ka`` (its images) and ``kb``
+    (its texts): times the scale, minus the positive term ``-2 w s sum_i a_i . b_i`` (``c`` = w times this rank's
+    incoming gradient), in place (no [n, D] temporaries)."""
+    s = scale.to(ka.dtype)
+    pos = 2 * c * s
+    return ka.mul_(s).addcmul_(b, pos, value=-1.0), kb.mul_(s).addcmul_(a, pos, value=-1.0)
+
+
+def _lse_all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    """log sum over ranks of exp(x), elementwise (two all_reduces: the max, then the sum of the shifted exps)."""
+    m = x.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(x - m)
+    dist.all_reduce(e, group=group)
+    return m + torch.log(e)
+
+
+class _GatheredClip(torch.autograd.Function):
+    """The CLIP loss of ``local_loss=True, gather_with_grad=True`` from the gathered texts ``B`` [N, D]: rank r
+    computes the ``n x N`` tiles of its images against all texts once per pass (the images are not gathered).
+    Forward: ``contrastive_lse`` gives the row log-sum-exps of its images and its images' share of every text's
+    column log-sum-exp, which one log-sum-exp all_reduce (O(N) floats) completes; the positive dots of all pairs
+    are gathered (O(N) floats). Backward: ``clip_bwd`` per text owner (the column coefficient is the owner's
+    incoming gradient) gives the complete gradient of its images and its images' share of every text's gradient,
+    which the gather's backward sums over the ranks."""
+
+    @staticmethod
+    def forward(ctx, a, b, B, scale, sizes, rank, world, group):
+        row, colpart = _op._kernel("contrastive_lse", a.device)(a, B, scale)
+        col = _lse_all_reduce(colpart, group)
+        dt = row.dtype
+        u = _op._rowdot(a, b, dt)
+        U = _gather_rows(u[:, None], sizes, group)[:, 0]  # the positive dot of every pair: the column centres
+        off, n = sum(sizes[:rank]), sizes[rank]
+        ctx.save_for_backward(a, b, B, scale, row, col, U)
+        ctx.sizes, ctx.rank, ctx.world, ctx.group = sizes, rank, world, group
+        w = world / (2.0 * sum(sizes))
+        return ((row.sum() + col[off:off + n].sum() - 2 * scale.to(dt)[0] * u.sum()) * w).float()
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b, B, scale, row, col, U = ctx.saved_tensors
+        sizes, rank, world, group = ctx.sizes, ctx.rank, ctx.world, ctx.group
+        bwd = _op._kernel("clip_bwd", a.device)
+        coef = _coefficients(g, world / (2.0 * sum(sizes)), world, group)
+        off = sum(sizes[:rank])
+        u = U[off:off + sizes[rank]]
+        dB = torch.empty(B.shape, dtype=row.dtype, device=B.device)
+        da = ds = None
+        start = 0
+        for q, m in enumerate(sizes):  # one call per text owner: its column coefficient
+            seg = slice(start, start + m)
+            ka, kb, ks = bwd(a, B[seg], scale, row, col[seg], coef[rank], coef[q], u, U[seg])
+            da = ka if da is None else da.add_(ka)
+            ds = ks if ds is None else ds.add_(ks)
+            dB[seg] = kb
+            del ka, kb
+            start += m
+        dB.mul_(scale.to(dB.dtype))
+        da, db = _finish(da, torch.zeros_like(da), a, b, scale, coef[rank])  # the positive term's b gradient
+        return (da.to(a.dtype), db.to(b.dtype), dB.to(B.dtype), ds.to(scale.dtype).reshape(scale.shape),
+                None, None, None, None)
 
 
 
@@ -376,10 +453,16 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         A = _gather(a, sizes, rank, group, with_grad, keep_local=True)
         B = _gather(b, sizes, rank, group, with_grad, keep_local=True)
         loss = _op.clip_loss(A, B, scale, None, eps)[0]
-    else:
+    elif with_grad and not eps:  # the exact local loss: each tile once, the images never gathered
+        B = _gather(b, sizes, rank, group, True, keep_local=False)
+        loss = _GatheredClip.apply(a, b, B, scale, sizes, rank, world, group)
+    else:  # open_clip's rows: images over all texts and texts over all images (label smoothing: targets mixed)
         A = _gather(a, sizes, rank, group, with_grad, keep_local=False)
         B = _gather(b, sizes, rank, group, with_grad, keep_local=False)
-        ta, tb = A[off:off + n], B[off:off + n]
+        # the positives are this rank's own pairs: their rows of A / B are a and b themselves (with gradient:
+        # what the gathered copy's gradient would bring home through the backward's sum; without: detached,
+        # as the gathered rows are), and taking them from a / b spares the [N, D] gradient of a slice of A / B
+        ta, tb = (a, b) if with_grad else (a.detach(), b.detach())
         if eps:  # cross-entropy label smoothing: the target mixes the positive and the mean over all N
             dt = torch.float64 if a.dtype == torch.float64 else torch.float32
             ta = (1 - eps) * ta.to(dt) + eps * A.to(dt).mean(0, keepdim=True)
