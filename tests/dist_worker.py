@@ -68,7 +68,7 @@ def main(rank: int, world: int, init: str, out: str, backend: str = "gloo") -> N
     scale, bias = 9.0, -2.0
 
     def compare(tag, sizes, fn_dist, fn_single, exact, rank_sum_grads, oc_fn=None, group_ranks=None, group=None,
-                scale_split=False):
+                scale_split=False, oc_single=None):
         """Runs ``fn_dist`` on this rank's rows; ``exact``: "same" (every rank's loss is the global one) or
         "mean" (the mean over ranks is); ``rank_sum_grads``: the feature gradients are those of the sum over
         ranks (W x the single-process ones) rather than of this rank's loss alone; ``scale_split``: the scale
@@ -93,6 +93,11 @@ def main(rank: int, world: int, init: str, out: str, backend: str = "gloo") -> N
         if exact is None:
             return
         sloss, sgrads = run(fn_single, img, txt, scale, bias)
+        if oc_single is not None:  # the fused single-process loss is open_clip's on the concatenated batch
+            oloss, ograds = run(oc_single, img, txt, scale, bias)
+            errs[f"{tag}/open_clip single process/loss"] = rel(sloss, oloss)
+            for name, g, og in zip(("image", "text", "scale"), sgrads, ograds):
+                errs[f"{tag}/open_clip single process/d{name}"] = rel(g, og)
         pieces = [None] * W  # every member's loss and gradients
         dist.all_gather_object(pieces, (loss, [g.detach() for g in grads]), group=group)
         losses = torch.stack([p[0] for p in pieces])
@@ -121,7 +126,8 @@ def main(rank: int, world: int, init: str, out: str, backend: str = "gloo") -> N
                 # exact: local_loss=False (every rank the global loss), local_loss=True with gather_with_grad
                 exact = "same" if not local else ("mean" if gwg else None)
                 compare(tag, sizes, fn_dist, lambda i, t, s, b: vlops.clip_loss(i, t, s, b), exact,
-                        rank_sum_grads=gwg, oc_fn=oc_fn if label == "equal" else None, scale_split=local and gwg)
+                        rank_sum_grads=gwg, oc_fn=oc_fn if label == "equal" else None, scale_split=local and gwg,
+                        oc_single=lambda i, t, s, b: oc.ClipLoss()(i, t, s))
         tag = f"clip/{label}/local_loss=True/gather_with_grad=True/label_smoothing=0.1"
         compare(tag, sizes, lambda i, t, s, b: VD.clip_loss(i, t, s, b, local_loss=True, gather_with_grad=True,
                                                             label_smoothing=0.1),
@@ -148,7 +154,19 @@ def main(rank: int, world: int, init: str, out: str, backend: str = "gloo") -> N
             compare(f"siglip/{label}/{impl}", sizes,
                     lambda i, t, s, b, impl=impl: vlops.nn.SigLipLoss(dist_impl=impl)(i, t, s, b),
                     lambda i, t, s, b: vlops.siglip_loss(i, t, s, b), "mean", rank_sum_grads=True,
-                    oc_fn=oc_sig if label == "equal" else None)
+                    oc_fn=oc_sig if label == "equal" else None, oc_single=lambda i, t, s, b: oc.SigLipLoss()(i, t, s, b))
+
+    # a second backward of a retained graph adds the same gradients again
+    img, txt = global_batch(equal, seed=3)
+    for on_ring in (False, True):
+        i = img[rank * 6:rank * 6 + 6].clone().requires_grad_()
+        t = txt[rank * 6:rank * 6 + 6].clone().requires_grad_()
+        loss = VD.clip_loss(i, t, 7.0, local_loss=True, gather_with_grad=True, ring=on_ring)
+        loss.backward(retain_graph=True)
+        first = (i.grad.clone(), t.grad.clone())
+        loss.backward()
+        errs[f"retain_graph/ring={on_ring}/dimage"] = rel(i.grad, 2 * first[0])
+        errs[f"retain_graph/ring={on_ring}/dtext"] = rel(t.grad, 2 * first[1])
 
     # a subgroup (the functional forms' group argument): the odd ranks of 4, or rank 1 alone of 2
     if world >= 4:

@@ -83,6 +83,15 @@ def test_parity_with_open_clip(ranks, loss):
     _assert_within(errs, f"{loss} vs open_clip")
 
 
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_single_process_reference_is_open_clip(ranks, loss):
+    """The single-process reference of the exactness checks against open_clip's loss on the concatenated batch."""
+    world, results = ranks
+    errs = {k: v for k, v in _checked(results, f"{loss}/").items() if "/open_clip single process/" in k}
+    assert len({k.split("/open_clip single process/")[0] for k in errs}) >= 4 * world
+    _assert_within(errs, f"single-process fused {loss} vs open_clip on the concatenated batch")
+
+
 @pytest.mark.parametrize("sizes", ["equal", "unequal"])
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_exact_global_loss_and_gradients(ranks, loss, sizes):
@@ -111,6 +120,13 @@ def test_ring_equals_the_gathered_local_loss(ranks, sizes):
     errs = {k: v for k, v in _checked(results, f"clip/{sizes}/ring/gathered/").items()}
     assert len(errs) == 5 * world  # loss, both feature gradients, the scale and (zero) bias gradients, every rank
     _assert_within(errs, f"the ring vs the gathered local_loss path ({sizes} batches)")
+
+
+def test_second_backward_of_a_retained_graph(ranks):
+    world, results = ranks
+    errs = _checked(results, "retain_graph/")
+    assert len(errs) == 4 * world
+    _assert_within(errs, "a second backward (retain_graph=True)")
 
 
 def test_subgroup(ranks):

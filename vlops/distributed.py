@@ -5,14 +5,17 @@ its share of the global batch, and no rank ever holds a logits matrix.
 (``open_clip.loss.ClipLoss`` / ``SigLipLoss`` with ``rank`` and ``world_size``), plus a process ``group``:
 
 - CLIP, ``local_loss=False``: every rank gathers the image and text features of all ranks and computes the
-  loss of the whole global batch (the same value on every rank); ``local_loss=True``: rank ``r`` computes
-  the image-to-text cross-entropy of its own images over all texts and the text-to-image one of its own
-  texts over all images (O(n N D) work per rank); ``ring=True`` computes that loss with the texts travelling
-  between neighbours instead of gathered (O(n D) features per rank, transfers overlapping the tiles). ``gather_with_grad=True``: the gathered features carry
-  gradients back to the ranks that own them (the backward sums each rank's gradient of its gathered copy);
-  ``False``: only a rank's own features get gradients, through its own rows (open_clip's default; its
-  gradient is not the global one unless ``local_loss=False``, and then it is the global one divided by
-  the world size after DDP's averaging).
+  loss of the whole global batch (the same value on every rank). ``local_loss=True``: rank ``r``'s loss is
+  the image-to-text cross-entropy of its own images over all texts plus the text-to-image one of its own
+  texts over all images. With ``gather_with_grad=True`` (the exact gradient) only the texts are gathered and
+  each rank computes the tiles of its own images against all texts once per pass (the column statistics of
+  its texts come from every rank's tiles through one O(N) all_reduce); ``ring=True`` computes the same loss
+  with the texts travelling between neighbours instead of gathered (O(n D) features per rank, each transfer
+  overlapping the tiles of the previous block). ``gather_with_grad=False``: only a rank's own features get
+  gradients, through its own rows (open_clip's default: the rows of its images over the gathered texts and of
+  its texts over the gathered images; this gradient is not the global one, nor is that of
+  ``local_loss=False`` without gather_with_grad, which is the global one divided by the world size after DDP's
+  averaging).
 - SigLIP, every ``dist_impl`` (``"bidir"``, ``"shift"``, ``"reduce"``, ``"gather"``): rank ``r`` computes
   the sigmoid loss of its own images against the texts of every rank (its own with the positive diagonal,
   the others' as negatives only), the texts travelling between ranks with their gradients; the four
@@ -23,8 +26,12 @@ its share of the global batch, and no rank ever holds a logits matrix.
 the mean over ranks of the rank losses is the loss of one process on the concatenated global batch, and
 each rank's feature gradients are those of the sum of all rank losses: after DDP averages the parameters'
 gradients over ranks they equal the single-process gradients of the global loss exactly, and so do the
-``logit_scale`` / ``logit_bias`` gradients (each rank's is the gradient of its own loss; DDP's mean is the
-global one, no factor of the world size). The same holds for ``local_loss=False, gather_with_grad=True``.
+``logit_scale`` / ``logit_bias`` gradients (DDP's mean over ranks is the global one, no factor of the world
+size). The same holds for ``local_loss=False, gather_with_grad=True``. Each rank's own ``logit_scale``
+gradient is that of its own loss, as in open_clip, except for the CLIP ``local_loss=True,
+gather_with_grad=True`` paths (gathered and ring): there each rank gets the scale terms of the tiles it
+computed (the rows of its images and their share of every text's columns), which differ rank by rank from
+open_clip's split but have the same sum over ranks.
 
 **Unequal batches.** Local batch sizes may differ between ranks (the last batch of an epoch): the features
 are padded for the collectives and the padding dropped. Each rank's loss is then weighted by ``W n_r / N``
@@ -240,9 +247,8 @@ class _RingClip(torch.autograd.Function):
     current one is computed. After W steps each text block's column statistics are complete and go home.
     Backward, the same ring: each block's ``clip_bwd`` (the row coefficient from its image owner's incoming
     gradient, the column one from its text owner's) adds to the local image gradient and to the travelling
-    gradient of the text block, which goes home at the end. Work per rank: the ``n x N`` blocks of its
-    images, once forward and once backward (half the tiles of the gathered ``local_loss`` path, which computes
-    both directions' rows)."""
+    gradient of the text block, which goes home at the end. Work per rank: the ``n x N`` tiles of its
+    images, once forward and once backward, as :class:`_GatheredClip` (which holds all the texts instead)."""
 
     @staticmethod
     def forward(ctx, a, b, scale, sizes, rank, world, group):
@@ -341,35 +347,43 @@ def _lse_all_reduce(x: torch.Tensor, group) -> torch.Tensor:
 
 
 class _GatheredClip(torch.autograd.Function):
-    """The CLIP loss of ``local_loss=True, gather_with_grad=True`` from the gathered texts ``B`` [N, D]: rank r
-    computes the ``n x N`` tiles of its images against all texts once per pass (the images are not gathered).
-    Forward: ``contrastive_lse`` gives the row log-sum-exps of its images and its images' share of every text's
-    column log-sum-exp, which one log-sum-exp all_reduce (O(N) floats) completes; the positive dots of all pairs
-    are gathered (O(N) floats). Backward: ``clip_bwd`` per text owner (the column coefficient is the owner's
-    incoming gradient) gives the complete gradient of its images and its images' share of every text's gradient,
-    which the gather's backward sums over the ranks."""
+    """The CLIP loss of ``local_loss=True, gather_with_grad=True`` from the gathered texts: rank r computes the
+    ``n x N`` tiles of its images against all N texts once per pass (the images are not gathered).
+
+    Forward: the texts are gathered (padded ``all_gather`` into one [N, D] buffer); ``contrastive_lse`` gives
+    the row log-sum-exps of its images and its images' share of every text's column log-sum-exp, which one
+    log-sum-exp all_reduce (O(N) floats) completes; the positive dots of all pairs are gathered (O(N) floats).
+    Backward: ``clip_bwd`` per text owner (the column coefficient is the owner's incoming gradient) gives the
+    complete gradient of its images and its images' share of every text's gradient [N, D]; one all_reduce of
+    that buffer, in place, sums the shares and each rank keeps its own texts' rows. The gathered texts are
+    dropped before that all_reduce: at most two [N, D] buffers live at once."""
 
     @staticmethod
-    def forward(ctx, a, b, B, scale, sizes, rank, world, group):
+    def forward(ctx, a, b, scale, sizes, rank, world, group):
+        B = _gather_rows(b, sizes, group)
         row, colpart = _op._kernel("contrastive_lse", a.device)(a, B, scale)
         col = _lse_all_reduce(colpart, group)
         dt = row.dtype
         u = _op._rowdot(a, b, dt)
         U = _gather_rows(u[:, None], sizes, group)[:, 0]  # the positive dot of every pair: the column centres
         off, n = sum(sizes[:rank]), sizes[rank]
-        ctx.save_for_backward(a, b, B, scale, row, col, U)
+        ctx.save_for_backward(a, b, scale, row, col, U)
+        ctx.B = B  # internal, never handed out: kept on ctx so that the backward can free it early
         ctx.sizes, ctx.rank, ctx.world, ctx.group = sizes, rank, world, group
         w = world / (2.0 * sum(sizes))
         return ((row.sum() + col[off:off + n].sum() - 2 * scale.to(dt)[0] * u.sum()) * w).float()
 
     @staticmethod
     def backward(ctx, g):
-        a, b, B, scale, row, col, U = ctx.saved_tensors
+        a, b, scale, row, col, U = ctx.saved_tensors
         sizes, rank, world, group = ctx.sizes, ctx.rank, ctx.world, ctx.group
+        B, ctx.B = ctx.B, None
+        if B is None:  # a second backward of a retained graph: gather the texts again
+            B = _gather_rows(b, sizes, group)
         bwd = _op._kernel("clip_bwd", a.device)
         coef = _coefficients(g, world / (2.0 * sum(sizes)), world, group)
-        off = sum(sizes[:rank])
-        u = U[off:off + sizes[rank]]
+        off, n = sum(sizes[:rank]), sizes[rank]
+        u = U[off:off + n]
         dB = torch.empty(B.shape, dtype=row.dtype, device=B.device)
         da = ds = None
         start = 0
@@ -381,11 +395,11 @@ class _GatheredClip(torch.autograd.Function):
             dB[seg] = kb
             del ka, kb
             start += m
-        dB.mul_(scale.to(dB.dtype))
-        da, db = _finish(da, torch.zeros_like(da), a, b, scale, coef[rank])  # the positive term's b gradient
-        return (da.to(a.dtype), db.to(b.dtype), dB.to(B.dtype), ds.to(scale.dtype).reshape(scale.shape),
-                None, None, None, None)
-
+        del B
+        dist.all_reduce(dB, group=group)  # every rank's share of every text's gradient
+        da, db = _finish(da, dB[off:off + n].clone(), a, b, scale, coef[rank])
+        del dB
+        return da.to(a.dtype), db.to(b.dtype), ds.to(scale.dtype).reshape(scale.shape), None, None, None, None
 
 
 # ------------------------------------------------------------------ the losses
@@ -454,8 +468,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         B = _gather(b, sizes, rank, group, with_grad, keep_local=True)
         loss = _op.clip_loss(A, B, scale, None, eps)[0]
     elif with_grad and not eps:  # the exact local loss: each tile once, the images never gathered
-        B = _gather(b, sizes, rank, group, True, keep_local=False)
-        loss = _GatheredClip.apply(a, b, B, scale, sizes, rank, world, group)
+        loss = _GatheredClip.apply(a, b, scale, sizes, rank, world, group)
     else:  # open_clip's rows: images over all texts and texts over all images (label smoothing: targets mixed)
         A = _gather(a, sizes, rank, group, with_grad, keep_local=False)
         B = _gather(b, sizes, rank, group, with_grad, keep_local=False)
