@@ -100,6 +100,7 @@ def worker(rank, world, init, args):
     dist.init_process_group(backend, init_method=f"file://{init}", rank=rank, world_size=world)
     from run import git_commit, peak_memory_mb  # the runner's commit label and memory probe
 
+    commit = git_commit()  # the code measured (read before the measurements)
     device = torch.device(args.device, rank) if args.device == "cuda" else torch.device("cpu")
     n, D = args.batch // world, args.dim
     g = torch.Generator().manual_seed(rank)
@@ -131,7 +132,7 @@ def worker(rank, world, init, args):
                "process RSS, glibc's default heap" if args.mmap_threshold_mb is None else
                f"process RSS, glibc mmap threshold fixed at {args.mmap_threshold_mb:g} MiB")
         lines = [f"vlops distributed losses: {world} processes ({backend}), global batch {args.batch}, D = {D}, fp32, "
-                 f"forward + backward; torch {torch.__version__}; {_machine(device)}; commit {git_commit()}; "
+                 f"forward + backward; torch {torch.__version__}; {_machine(device)}; commit {commit}; "
                  f"memory: {mem}",
                  f"{'loss':<7} {'open_clip flags':<38} {'fused':<11} {'open_clip s':>11} {'fused s':>8} {'ratio':>6} "
                  f"{'open_clip MB':>12} {'fused MB':>9} {'mem ratio':>9}"]

@@ -87,7 +87,7 @@ def _exchange(group, world: int, check, device: torch.device) -> tuple[list[int]
     try:
         n, d, dt = check()
         code = _DTYPES.index(dt)
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever a rank's checks raise, every rank must hear of it
         err = e
     meta = torch.tensor([0 if err is None else 1, n, d, code], dtype=torch.int64, device=device)
     metas = [torch.empty_like(meta) for _ in range(world)]
@@ -302,11 +302,11 @@ class _RingClip(torch.autograd.Function):
             if step < world - 1:
                 nb = (t.new_empty(sizes[nxt], t.shape[1]), t_col.new_empty(sizes[nxt]), t_u.new_empty(sizes[nxt]))
                 reqs = _post([(t, right), (t_col, right), (t_u, right)], [(x, left) for x in nb], group)
-            ka, kb, ks = bwd(a, t, scale, row, t_col, coef[rank], coef[q], u, t_u)
-            da = ka if da is None else da.add_(ka)
+            if da is None:
+                da = torch.zeros(a.shape, dtype=row.dtype, device=a.device)
+            dt_acc = torch.zeros(t.shape, dtype=row.dtype, device=t.device) if dt_acc is None else dt_acc
+            ks = _tiles_bwd(bwd, a, t, scale, row, t_col, coef[rank], coef[q], u, t_u, da, dt_acc)
             ds = ks if ds is None else ds.add_(ks)
-            dt_acc = kb if dt_acc is None else dt_acc.add_(kb)
-            del ka, kb  # the block's outputs, now in the accumulators
             for r_ in reqs:
                 r_.wait()
             acc_in = dt_acc.new_empty(sizes[nxt if step < world - 1 else rank], dt_acc.shape[1])
@@ -316,6 +316,29 @@ class _RingClip(torch.autograd.Function):
                 t, t_col, t_u = nb
         da, db = _finish(da, dt_acc, a, b, scale, coef[rank])
         return da.to(a.dtype), db.to(b.dtype), ds.to(scale.dtype).reshape(scale.shape), None, None, None, None
+
+
+_TILE_ROWS = 2048  # rows of a and of T per clip_bwd call in the distributed backwards (see _tiles_bwd)
+
+
+def _tiles_bwd(bwd, a, T, scale, row, colT, c_row, c_col, u, vT, da, dT):
+    """``clip_bwd`` of the block ``a`` [n, D] x ``T`` [m, D] in row x column pieces of at most ``_TILE_ROWS``,
+    adding each piece's sums into ``da`` [n, D] and ``dT`` [m, D] (fp32, in place); returns the scale sum.
+    Pieces keep the kernel's fresh outputs to a fraction of the accumulators (each call allocates its two
+    gradient sums), at the same tiles and work; the scale sum stays exact piecewise, since the centres ``u`` /
+    ``vT`` enter with each piece's share of the softmax weights."""
+    n, m = a.shape[0], T.shape[0]
+    ks = None
+    for i in range(0, n, _TILE_ROWS):
+        ri = slice(i, min(n, i + _TILE_ROWS))
+        for j in range(0, m, _TILE_ROWS):
+            cj = slice(j, min(m, j + _TILE_ROWS))
+            ka, kb, k = bwd(a[ri], T[cj], scale, row[ri], colT[cj], c_row, c_col, u[ri], vT[cj])
+            da[ri] += ka
+            dT[cj] += kb
+            ks = k if ks is None else ks.add_(k)
+            del ka, kb
+    return ks
 
 
 def _coefficients(g, w: float, world: int, group) -> list[float]:
@@ -384,16 +407,14 @@ class _GatheredClip(torch.autograd.Function):
         coef = _coefficients(g, world / (2.0 * sum(sizes)), world, group)
         off, n = sum(sizes[:rank]), sizes[rank]
         u = U[off:off + n]
-        dB = torch.empty(B.shape, dtype=row.dtype, device=B.device)
-        da = ds = None
+        dB = torch.zeros(B.shape, dtype=row.dtype, device=B.device)
+        da = torch.zeros(a.shape, dtype=row.dtype, device=a.device)
+        ds = None
         start = 0
-        for q, m in enumerate(sizes):  # one call per text owner: its column coefficient
+        for q, m in enumerate(sizes):  # per text owner: its column coefficient
             seg = slice(start, start + m)
-            ka, kb, ks = bwd(a, B[seg], scale, row, col[seg], coef[rank], coef[q], u, U[seg])
-            da = ka if da is None else da.add_(ka)
+            ks = _tiles_bwd(bwd, a, B[seg], scale, row, col[seg], coef[rank], coef[q], u, U[seg], da, dB[seg])
             ds = ks if ds is None else ds.add_(ks)
-            dB[seg] = kb
-            del ka, kb
             start += m
         del B
         dist.all_reduce(dB, group=group)  # every rank's share of every text's gradient
@@ -417,8 +438,10 @@ def _prepare(image_features, text_features, logit_scale, logit_bias, group, extr
         got["a"], got["b"] = a, b
         return a.shape[0], a.shape[1], a.dtype
 
-    like = image_features.device if isinstance(image_features, torch.Tensor) else torch.device("cpu")
-    dev = like if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    dev = torch.device("cpu")
+    if dist.get_backend(group) == "nccl":  # NCCL moves CUDA tensors only
+        dev = (image_features.device if isinstance(image_features, torch.Tensor) and image_features.is_cuda
+               else torch.device("cuda", torch.cuda.current_device()))
     sizes, _ = _exchange(group, world, check, dev)
     return got["a"], got["b"], got["scale"], got["bias"], sizes, rank, world, group, got["extra"]
 
