@@ -9,8 +9,8 @@ eager / fused, and the largest peak memory of one forward + backward over the ra
 process's peak RSS, VmHWM, reset before the call, minus its RSS before; CUDA: max_memory_allocated), which counts
 the feature gradients the call allocates. On CPU the RSS also holds what glibc's heap keeps of freed tensors;
 ``--mmap-threshold-mb 1`` makes every allocation of 1 MiB or more go back to the OS when freed, so that the peak
-follows the live tensors (both sides measured the same way). fp32, unit-norm features, logit_scale 100 (CLIP's clamp), SigLIP's bias
--10. Each rank uses ``cpu_count / W`` threads on CPU.
+follows the live tensors (both sides measured the same way). fp32, unit-norm features, logit_scale 100 (CLIP's
+clamp), SigLIP's bias -10. Each rank uses ``cpu_count / W`` threads on CPU.
 
 Configurations: CLIP with local_loss False / True (gather_with_grad True, the exact gradient) for open_clip and the
 fused gathered path, the fused ring (``ring=True``: the local_loss loss with the texts travelling between ranks),

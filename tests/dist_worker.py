@@ -46,7 +46,8 @@ def global_batch(sizes, seed):
 def run(fn, img, txt, scale, bias):
     """Loss and the gradients of (img, txt, scale, bias) of ``fn`` on fresh leaves."""
     leaves = [img.clone().requires_grad_(), txt.clone().requires_grad_(),
-              torch.tensor(scale, requires_grad=True, device=DEVICE), torch.tensor(bias, requires_grad=True, device=DEVICE)]
+              torch.tensor(scale, requires_grad=True, device=DEVICE),
+              torch.tensor(bias, requires_grad=True, device=DEVICE)]
     loss = fn(*leaves)
     loss.backward()
     grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
@@ -155,7 +156,8 @@ def main(rank: int, world: int, init: str, out: str, backend: str = "gloo") -> N
             compare(f"siglip/{label}/{impl}", sizes,
                     lambda i, t, s, b, impl=impl: vlops.nn.SigLipLoss(dist_impl=impl)(i, t, s, b),
                     lambda i, t, s, b: vlops.siglip_loss(i, t, s, b), "mean", rank_sum_grads=True,
-                    oc_fn=oc_sig if label == "equal" else None, oc_single=lambda i, t, s, b: oc.SigLipLoss()(i, t, s, b))
+                    oc_fn=oc_sig if label == "equal" else None,
+                    oc_single=lambda i, t, s, b: oc.SigLipLoss()(i, t, s, b))
 
     # a second backward of a retained graph adds the same gradients again
     img, txt = global_batch(equal, seed=3)
@@ -188,7 +190,8 @@ def main(rank: int, world: int, init: str, out: str, backend: str = "gloo") -> N
 
     # DDP: the parameters' gradients after DDP's averaging equal the single-process gradients of the global loss
     for kind, sizes, label in (("clip", equal, "equal"), ("clip", unequal, "unequal"), ("ring", equal, "equal"),
-                               ("ring", unequal, "unequal"), ("siglip", equal, "equal"), ("siglip", unequal, "unequal")):
+                               ("ring", unequal, "unequal"), ("siglip", equal, "equal"),
+                               ("siglip", unequal, "unequal")):
         torch.manual_seed(0)
         model = Towers().to(DEVICE)
         ref_model = Towers().to(DEVICE)

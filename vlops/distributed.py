@@ -209,9 +209,9 @@ class _Exchange(torch.autograd.Function):
 # ------------------------------------------------------------------ CLIP rows of a rectangular block
 class _RowsCE(torch.autograd.Function):
     """``sum_i [log sum_j exp(s a_i . b_j) - s a_i . t_i]`` for a [n, D] against b [m, D] with target vectors
-    t [n, D] (the positive text of each image, or its smoothed mix): the row cross-entropies of one side of
-    ``local_loss``, tiled by the contrastive kernels (``contrastive_lse`` and ``clip_bwd`` with the column
-    coefficient 0), in the kernels' accumulation dtype."""
+    t [n, D] (the positive text of each image, or its smoothed mix): one side of open_clip's ``local_loss``
+    rows (used without gather_with_grad, or with label smoothing), tiled by the contrastive kernels
+    (``contrastive_lse`` and ``clip_bwd`` with the column coefficient 0), in the kernels' accumulation dtype."""
 
     @staticmethod
     def forward(ctx, a, b, scale, t):

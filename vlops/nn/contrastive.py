@@ -49,8 +49,8 @@ class ClipLoss(nn.Module):
     process group (``group``, default the default group), or to a single process; with ``world_size > 1``
     ``local_loss`` and ``gather_with_grad`` have open_clip's meaning (see :mod:`vlops.distributed`). Extra
     keywords: ``label_smoothing``, ``ring`` (with ``local_loss=True, gather_with_grad=True``: the texts travel
-    round the ranks instead of being gathered, see :func:`vlops.distributed.clip_loss`), ``group``. ``cache_labels`` is accepted and has no effect (no labels tensor
-    is built).
+    round the ranks instead of being gathered, see :func:`vlops.distributed.clip_loss`), ``group``.
+    ``cache_labels`` is accepted and has no effect (no labels tensor is built).
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
