@@ -16,6 +16,7 @@ At the end rank 0 prints the zero-shot accuracy on held-out images: each image a
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -114,7 +115,10 @@ def main():
                                              model.logit_scale.exp())
             acc = (probs.argmax(-1).cpu() == concept).float().mean().item()
         print(f"zero-shot accuracy: {acc:.3f} (chance {1 / len(captions):.3f})", flush=True)
-    dist.barrier()  # the ranks leave together: none tears the group down while another still uses it
+    # leave together, and release DDP (its reducer holds the process group) while the group is still alive
+    del ddp, opt
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -14,6 +14,7 @@ vlops.distributed states them), and a DDP model trained both ways.
 """
 from __future__ import annotations
 
+import gc
 import json
 import sys
 
@@ -209,6 +210,8 @@ def main(rank: int, world: int, init: str, out: str, backend: str = "gloo") -> N
         for (name, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
             if q.grad.abs().sum() > 0:
                 errs[f"ddp/{kind}/{label}/d{name}"] = rel(p.grad, q.grad)
+        del ddp  # its reducer holds the process group: released while the group is alive
+        gc.collect()
 
     # bad input on one rank: every rank raises at once (the test's timeout catches a hang)
     img, txt = global_batch(equal, seed=1)
