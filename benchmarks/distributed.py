@@ -47,13 +47,7 @@ def configs(rank, world):
 
 def measure(fn, make, reps, device, peak_memory_mb):
     """(median seconds of the slowest rank, peak MB of this rank)."""
-    def once():
-        a, b, s, bias = make()
-        loss = fn(a, b, s, bias)
-        loss.backward()
-        return loss.detach(), a.grad, b.grad
-
-    once()  # warm-up
+    _fwd_bwd(fn, *make())  # warm-up
     times = []
     for _ in range(reps):
         a, b, s, bias = make()
@@ -70,6 +64,12 @@ def measure(fn, make, reps, device, peak_memory_mb):
     args = make()
     peak = peak_memory_mb(lambda: _fwd_bwd(fn, *args), device)
     return statistics.median(times), peak
+
+
+def _max_over_ranks(x: float, world: int) -> float:
+    xs = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(xs, torch.tensor([x], dtype=torch.float64))
+    return max(v.item() for v in xs)
 
 
 def _fwd_bwd(fn, a, b, s, bias):
@@ -118,15 +118,11 @@ def worker(rank, world, init, args):
             return eager(a, b, s, bias) if kind == "siglip" else eager(a, b, s)
 
         te, me = measure(eager_fn, make, args.reps, device, peak_memory_mb)
-        mems = [torch.tensor([me], dtype=torch.float64) for _ in range(world)]
+        me_max = _max_over_ranks(me, world)
         for name, mod in fused:
             tf, mf = measure(lambda a, b, s, bias, mod=mod: mod(a, b, s, bias), make, args.reps, device,
                              peak_memory_mb)
-            dist.all_gather(mems, torch.tensor([me], dtype=torch.float64))
-            me_max = max(m.item() for m in mems)
-            dist.all_gather(mems, torch.tensor([mf], dtype=torch.float64))
-            mf_max = max(m.item() for m in mems)
-            rows.append((kind, flags, name, te, tf, me_max, mf_max))
+            rows.append((kind, flags, name, te, tf, me_max, _max_over_ranks(mf, world)))
     if rank == 0:
         mem = ("max_memory_allocated" if device.type == "cuda" else
                "process RSS, glibc's default heap" if args.mmap_threshold_mb is None else

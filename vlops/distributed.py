@@ -78,6 +78,16 @@ def group_info(group=None) -> tuple[object, int, int]:
     return group, rank, dist.get_world_size(group)
 
 
+def _comm_device(group, t=None) -> torch.device:
+    """Where the small tensors of a collective go: the CPU, except under NCCL (CUDA tensors only): ``t``'s
+    device when ``t`` is a CUDA tensor, else the current CUDA device."""
+    if dist.get_backend(group) != "nccl":
+        return torch.device("cpu")
+    if isinstance(t, torch.Tensor) and t.is_cuda:
+        return t.device
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def _exchange(group, world: int, check, device: torch.device) -> tuple[list[int], int]:
     """Runs ``check()`` (the local argument checks, returning ``(n, D, dtype)``) on every rank and shares the
     outcome in one ``all_gather``: returns (the row counts of all ranks, D), or raises on every rank when any
@@ -274,27 +284,24 @@ class _RingClip(torch.autograd.Function):
             col = col_in
             if t_next is not None:
                 t = t_next
-        dt = row.dtype
-        u = _op._rowdot(a, b, dt)  # the positive dots a_i . b_i
+        u = _op._rowdot(a, b, row.dtype)  # the positive dots a_i . b_i
         ctx.save_for_backward(a, b, scale, row, col, u)
-        ctx.sizes, ctx.rank, ctx.world, ctx.group = sizes, rank, world, group
-        w = world / (2.0 * N)
-        return ((row.sum() + col.sum() - 2 * scale.to(dt)[0] * u.sum()) * w).float()
+        ctx.sizes, ctx.rank, ctx.world, ctx.group, ctx.w = sizes, rank, world, group, world / (2.0 * N)
+        return _local_value(row, col, u, scale, ctx.w)
 
     @staticmethod
     def backward(ctx, g):
         a, b, scale, row, col, u = ctx.saved_tensors
         sizes, rank, world, group = ctx.sizes, ctx.rank, ctx.world, ctx.group
         bwd = _op._kernel("clip_bwd", a.device)
-        N = sum(sizes)
-        w = world / (2.0 * N)
         right, left = (rank + 1) % world, (rank - 1) % world
-        dt = row.dtype
         # every rank's incoming gradient: the row terms of a block are its image owner's loss, the column
         # terms its text owner's
-        coef = _coefficients(g, w, world, group)
-        da = ds = None
-        t, t_col, t_u, dt_acc = b, col, u, None
+        coef = _coefficients(g, ctx.w, world, group)
+        da = torch.zeros(a.shape, dtype=row.dtype, device=a.device)
+        dt_acc = torch.zeros(b.shape, dtype=row.dtype, device=b.device)  # the gradient of the held text block
+        ds = None
+        t, t_col, t_u = b, col, u
         for step in range(world):
             q = (rank - step) % world  # the owner of the text block held now
             nxt = (rank - step - 1) % world
@@ -302,11 +309,7 @@ class _RingClip(torch.autograd.Function):
             if step < world - 1:
                 nb = (t.new_empty(sizes[nxt], t.shape[1]), t_col.new_empty(sizes[nxt]), t_u.new_empty(sizes[nxt]))
                 reqs = _post([(t, right), (t_col, right), (t_u, right)], [(x, left) for x in nb], group)
-            if da is None:
-                da = torch.zeros(a.shape, dtype=row.dtype, device=a.device)
-            dt_acc = torch.zeros(t.shape, dtype=row.dtype, device=t.device) if dt_acc is None else dt_acc
-            ks = _tiles_bwd(bwd, a, t, scale, row, t_col, coef[rank], coef[q], u, t_u, da, dt_acc)
-            ds = ks if ds is None else ds.add_(ks)
+            ds = _tiles_bwd(bwd, a, t, scale, row, t_col, coef[rank], coef[q], u, t_u, da, dt_acc, ds)
             for r_ in reqs:
                 r_.wait()
             acc_in = dt_acc.new_empty(sizes[nxt if step < world - 1 else rank], dt_acc.shape[1])
@@ -321,14 +324,14 @@ class _RingClip(torch.autograd.Function):
 _TILE_ROWS = 2048  # rows of a and of T per clip_bwd call in the distributed backwards (see _tiles_bwd)
 
 
-def _tiles_bwd(bwd, a, T, scale, row, colT, c_row, c_col, u, vT, da, dT):
+def _tiles_bwd(bwd, a, T, scale, row, colT, c_row, c_col, u, vT, da, dT, ds):
     """``clip_bwd`` of the block ``a`` [n, D] x ``T`` [m, D] in row x column pieces of at most ``_TILE_ROWS``,
-    adding each piece's sums into ``da`` [n, D] and ``dT`` [m, D] (fp32, in place); returns the scale sum.
+    adding each piece's sums into ``da`` [n, D] and ``dT`` [m, D] (fp32, in place) and its scale sum into
+    ``ds`` (None: the first); returns ``ds``.
     Pieces keep the kernel's fresh outputs to a fraction of the accumulators (each call allocates its two
     gradient sums), at the same tiles and work; the scale sum stays exact piecewise, since the centres ``u`` /
     ``vT`` enter with each piece's share of the softmax weights."""
     n, m = a.shape[0], T.shape[0]
-    ks = None
     for i in range(0, n, _TILE_ROWS):
         ri = slice(i, min(n, i + _TILE_ROWS))
         for j in range(0, m, _TILE_ROWS):
@@ -336,18 +339,24 @@ def _tiles_bwd(bwd, a, T, scale, row, colT, c_row, c_col, u, vT, da, dT):
             ka, kb, k = bwd(a[ri], T[cj], scale, row[ri], colT[cj], c_row, c_col, u[ri], vT[cj])
             da[ri] += ka
             dT[cj] += kb
-            ks = k if ks is None else ks.add_(k)
+            ds = k if ds is None else ds.add_(k)
             del ka, kb
-    return ks
+    return ds
 
 
 def _coefficients(g, w: float, world: int, group) -> list[float]:
     """``w`` times the incoming gradient of every rank's loss (one all_gather of a scalar): the coefficient of
     the row terms of a tile is its image owner's, that of the column terms its text owner's."""
-    dev = g.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    dev = _comm_device(group, g)
     gs = [torch.zeros(1, dtype=torch.float64, device=dev) for _ in range(world)]
     dist.all_gather(gs, g.detach().to(device=dev, dtype=torch.float64).reshape(1), group=group)
     return [float(x.item()) * w for x in gs]
+
+
+def _local_value(row, col, u, scale, w):
+    """A rank's local_loss value: ``w (sum of its images' row log-sum-exps + sum of its texts' column ones
+    - 2 s sum of its positive dots)``, float32."""
+    return ((row.sum() + col.sum() - 2 * scale.to(row.dtype)[0] * u.sum()) * w).float()
 
 
 def _finish(ka, kb, a, b, scale, c):
@@ -386,15 +395,13 @@ class _GatheredClip(torch.autograd.Function):
         B = _gather_rows(b, sizes, group)
         row, colpart = _op._kernel("contrastive_lse", a.device)(a, B, scale)
         col = _lse_all_reduce(colpart, group)
-        dt = row.dtype
-        u = _op._rowdot(a, b, dt)
+        u = _op._rowdot(a, b, row.dtype)
         U = _gather_rows(u[:, None], sizes, group)[:, 0]  # the positive dot of every pair: the column centres
         off, n = sum(sizes[:rank]), sizes[rank]
         ctx.save_for_backward(a, b, scale, row, col, U)
         ctx.B = B  # internal, never handed out: kept on ctx so that the backward can free it early
-        ctx.sizes, ctx.rank, ctx.world, ctx.group = sizes, rank, world, group
-        w = world / (2.0 * sum(sizes))
-        return ((row.sum() + col[off:off + n].sum() - 2 * scale.to(dt)[0] * u.sum()) * w).float()
+        ctx.sizes, ctx.rank, ctx.world, ctx.group, ctx.w = sizes, rank, world, group, world / (2.0 * sum(sizes))
+        return _local_value(row, col[off:off + n], u, scale, ctx.w)
 
     @staticmethod
     def backward(ctx, g):
@@ -404,7 +411,7 @@ class _GatheredClip(torch.autograd.Function):
         if B is None:  # a second backward of a retained graph: gather the texts again
             B = _gather_rows(b, sizes, group)
         bwd = _op._kernel("clip_bwd", a.device)
-        coef = _coefficients(g, world / (2.0 * sum(sizes)), world, group)
+        coef = _coefficients(g, ctx.w, world, group)
         off, n = sum(sizes[:rank]), sizes[rank]
         u = U[off:off + n]
         dB = torch.zeros(B.shape, dtype=row.dtype, device=B.device)
@@ -413,8 +420,7 @@ class _GatheredClip(torch.autograd.Function):
         start = 0
         for q, m in enumerate(sizes):  # per text owner: its column coefficient
             seg = slice(start, start + m)
-            ks = _tiles_bwd(bwd, a, B[seg], scale, row, col[seg], coef[rank], coef[q], u, U[seg], da, dB[seg])
-            ds = ks if ds is None else ds.add_(ks)
+            ds = _tiles_bwd(bwd, a, B[seg], scale, row, col[seg], coef[rank], coef[q], u, U[seg], da, dB[seg], ds)
             start += m
         del B
         dist.all_reduce(dB, group=group)  # every rank's share of every text's gradient
@@ -438,11 +444,7 @@ def _prepare(image_features, text_features, logit_scale, logit_bias, group, extr
         got["a"], got["b"] = a, b
         return a.shape[0], a.shape[1], a.dtype
 
-    dev = torch.device("cpu")
-    if dist.get_backend(group) == "nccl":  # NCCL moves CUDA tensors only
-        dev = (image_features.device if isinstance(image_features, torch.Tensor) and image_features.is_cuda
-               else torch.device("cuda", torch.cuda.current_device()))
-    sizes, _ = _exchange(group, world, check, dev)
+    sizes, _ = _exchange(group, world, check, _comm_device(group, image_features))
     return got["a"], got["b"], got["scale"], got["bias"], sizes, rank, world, group, got["extra"]
 
 
@@ -483,7 +485,6 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
 
     a, b, scale, bias, sizes, rank, world, group, (local, with_grad, eps, on_ring) = _prepare(
         image_features, text_features, logit_scale, logit_bias, group, options)
-    N, n, off = sum(sizes), sizes[rank], sum(sizes[:rank])
     if on_ring and world > 1:
         loss = _RingClip.apply(a, b, scale, sizes, rank, world, group)
     elif not local:
@@ -500,10 +501,10 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         # as the gathered rows are), and taking them from a / b spares the [N, D] gradient of a slice of A / B
         ta, tb = (a, b) if with_grad else (a.detach(), b.detach())
         if eps:  # cross-entropy label smoothing: the target mixes the positive and the mean over all N
-            dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+            dt = _op._cdt(a)
             ta = (1 - eps) * ta.to(dt) + eps * A.to(dt).mean(0, keepdim=True)
             tb = (1 - eps) * tb.to(dt) + eps * B.to(dt).mean(0, keepdim=True)
-        loss = (_RowsCE.apply(a, B, scale, tb) + _RowsCE.apply(b, A, scale, ta)) * (world / (2.0 * N))
+        loss = (_RowsCE.apply(a, B, scale, tb) + _RowsCE.apply(b, A, scale, ta)) * (world / (2.0 * sum(sizes)))
         loss = loss.float()
     if bias is not None:
         loss = loss + 0.0 * bias.sum()  # the bias cancels; this keeps it in the graph (zero gradient)
@@ -537,8 +538,8 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     loss = block(b, False)
     right, left = (rank + 1) % world, (rank - 1) % world
     if world == 1:
-        pass
-    elif impl == "gather":
+        return loss
+    if impl == "gather":
         B = _gather(b, sizes, rank, group, True, keep_local=False)
         loss = loss + block(torch.cat([B[:off], B[off + n:]]), True)
     elif impl == "reduce":
