@@ -160,17 +160,48 @@ def main(rank: int, world: int, init: str, out: str, backend: str = "gloo") -> N
                     oc_fn=oc_sig if label == "equal" else None,
                     oc_single=lambda i, t, s, b: oc.SigLipLoss()(i, t, s, b))
 
+    # float64 features on the exact paths against the float64 reference (vlops.reference.contrastive) on the
+    # global batch; the losses and logit_scale are float32 by contract (DESIGN.md), the feature gradients float64
+    from vlops.reference import contrastive as R
+
+    exact_paths = {
+        "clip local_loss gathered": (lambda i, t, s, b: VD.clip_loss(i, t, s, b, local_loss=True,
+                                                                     gather_with_grad=True), R.clip_loss),
+        "clip ring": (lambda i, t, s, b: VD.clip_loss(i, t, s, b, local_loss=True, gather_with_grad=True,
+                                                      ring=True), R.clip_loss),
+        "siglip bidir": (lambda i, t, s, b: VD.siglip_loss(i, t, s, b, dist_impl="bidir"), R.siglip_loss),
+        "siglip gather": (lambda i, t, s, b: VD.siglip_loss(i, t, s, b, dist_impl="gather"), R.siglip_loss),
+    }
+    for sizes, label in ((equal, "equal"), (unequal, "unequal")):
+        img, txt = (x.double() for x in global_batch(sizes, seed=21))
+        off, n = sum(sizes[:rank]), sizes[rank]
+        for name, (fn_dist, fn_ref) in exact_paths.items():
+            loss, grads = run(fn_dist, img[off:off + n], txt[off:off + n], scale, bias)
+            rloss, rgrads = run(fn_ref, img, txt, scale, bias)
+            pieces = [None] * world
+            dist.all_gather_object(pieces, (loss, grads[2].detach()))
+            tag = f"f64/{label}/{name}"
+            errs[f"{tag}/loss (mean over ranks)"] = rel(torch.stack([p[0] for p in pieces]).mean(), rloss)
+            errs[f"{tag}/dimage"] = rel(grads[0], world * rgrads[0][off:off + n])
+            errs[f"{tag}/dtext"] = rel(grads[1], world * rgrads[1][off:off + n])
+            errs[f"{tag}/dscale (mean over ranks)"] = rel(torch.stack([p[1] for p in pieces]).mean(), rgrads[2])
+
     # a second backward of a retained graph adds the same gradients again
     img, txt = global_batch(equal, seed=3)
-    for on_ring in (False, True):
+    retained = {
+        "clip gathered": lambda i, t: VD.clip_loss(i, t, 7.0, local_loss=True, gather_with_grad=True),
+        "clip ring": lambda i, t: VD.clip_loss(i, t, 7.0, local_loss=True, gather_with_grad=True, ring=True),
+        "siglip shift": lambda i, t: VD.siglip_loss(i, t, 7.0, -3.0, dist_impl="shift"),
+    }
+    for name, fn in retained.items():
         i = img[rank * 6:rank * 6 + 6].clone().requires_grad_()
         t = txt[rank * 6:rank * 6 + 6].clone().requires_grad_()
-        loss = VD.clip_loss(i, t, 7.0, local_loss=True, gather_with_grad=True, ring=on_ring)
+        loss = fn(i, t)
         loss.backward(retain_graph=True)
         first = (i.grad.clone(), t.grad.clone())
         loss.backward()
-        errs[f"retain_graph/ring={on_ring}/dimage"] = rel(i.grad, 2 * first[0])
-        errs[f"retain_graph/ring={on_ring}/dtext"] = rel(t.grad, 2 * first[1])
+        errs[f"retain_graph/{name}/dimage"] = rel(i.grad, 2 * first[0])
+        errs[f"retain_graph/{name}/dtext"] = rel(t.grad, 2 * first[1])
 
     # a subgroup (the functional forms' group argument): the odd ranks of 4, or rank 1 alone of 2
     if world >= 4:

@@ -20,6 +20,7 @@ import pytest
 from triton_worker import ROOT, subprocess_env
 
 TOL_FP32 = 1e-5  # DESIGN.md: fp32 relative error bound
+TOL_FP64 = 1e-10  # and the float64 one (tests/conftest.py TOL)
 TIMEOUT_S = 240
 
 
@@ -122,10 +123,22 @@ def test_ring_equals_the_gathered_local_loss(ranks, sizes):
     _assert_within(errs, f"the ring vs the gathered local_loss path ({sizes} batches)")
 
 
+def test_float64_against_the_reference(ranks):
+    """The exact paths with float64 features against vlops.reference.contrastive on the global batch: the feature
+    gradients to the float64 bound; the loss and the logit_scale gradient are float32 by contract (the fp32 bound)."""
+    world, results = ranks
+    errs = _checked(results, "f64/")
+    assert len(errs) == 2 * 4 * 4 * world  # sizes x paths x (loss, dimage, dtext, dscale), every rank
+    grads = {k: v for k, v in errs.items() if k.endswith(("/dimage", "/dtext"))}
+    bad = {k: v for k, v in grads.items() if not v <= TOL_FP64}
+    assert not bad, f"float64 feature gradients over {TOL_FP64:.0e}: {bad}"
+    _assert_within({k: v for k, v in errs.items() if k not in grads}, "float64 loss and scale gradient (fp32)")
+
+
 def test_second_backward_of_a_retained_graph(ranks):
     world, results = ranks
     errs = _checked(results, "retain_graph/")
-    assert len(errs) == 4 * world
+    assert len(errs) == 6 * world  # gathered CLIP, ring, SigLIP shift: both feature gradients, every rank
     _assert_within(errs, "a second backward (retain_graph=True)")
 
 

@@ -514,6 +514,36 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
 
+class _SigBlock(torch.autograd.Function):
+    """One block of the SigLIP loss, ``sum over a x t of softplus(-z (s a . t + bias)) / divisor`` (the positive
+    diagonal unless ``negative_only``), on the single-process op's kernels and gradient scaling
+    (``vlops.ops.contrastive``): with ``with_grad`` the loss and the kernel's gradient sums come from one pass,
+    kept on ``ctx`` and scaled in place by the one backward (a second backward of a retained graph recomputes
+    them). The divisor enters the backward in the compute dtype, not through the float32 loss, so that an
+    unequal batch's weight ``W n / N`` (folded into the divisor ``N / W``) is not rounded to float32 in float64
+    gradients."""
+
+    @staticmethod
+    def forward(ctx, a, t, scale, bias, negative_only, divisor, with_grad):
+        sums = None
+        if with_grad:
+            s, *sums = _op._kernel("siglip_fwd_bwd", a.device)(a, t, scale, bias, negative_only)
+        else:
+            s = _op._kernel("siglip_fwd", a.device)(a, t, scale, bias, negative_only)
+        ctx.save_for_backward(a, t, scale, bias)
+        ctx.sums, ctx.negative_only, ctx.divisor = sums, negative_only, divisor
+        return (s[0] / divisor).float()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        a, t, scale, bias = ctx.saved_tensors
+        sums, ctx.sums = ctx.sums, None
+        if sums is None:
+            sums = _op._kernel("siglip_bwd", a.device)(a, t, scale, bias, ctx.negative_only)
+        return (*_op._siglip_scale(g, ctx.divisor, a, t, scale, bias, *sums, True), None, None, None)
+
+
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias=None, *,
                 dist_impl: str = "bidir", group=None) -> torch.Tensor:
     """SigLIP loss over the global batch of all ranks of ``group`` (open_clip ``SigLipLoss`` with
@@ -532,8 +562,11 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
         lambda: _V.choice(impl, "dist_impl", DIST_IMPLS))
     N, n, off = sum(sizes), sizes[rank], sum(sizes[:rank])
 
+    with_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (a, b, scale, bias))
+    divisor = N / world  # n on equal batches; the W n / N weight of unequal ones folded in
+
     def block(t, neg):
-        return _F.siglip_loss(a, t, scale, bias, negative_only=neg)  # sum over the block / n
+        return _SigBlock.apply(a, t, scale, bias, neg, divisor, with_grad)  # sum over the block / divisor
 
     loss = block(b, False)
     right, left = (rank + 1) % world, (rank - 1) % world
@@ -567,6 +600,4 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
         if rem:
             (from_left,) = _Exchange.apply((right,), (left,), (sizes[(rank - pairs - 1) % world],), group, to_right)
             loss = loss + block(from_left, True)
-    if N != world * n:
-        loss = loss * (world * n / N)
     return loss
