@@ -10,6 +10,9 @@ chosen per call by :func:`use_backend` / ``VLOPS_BACKEND`` / ``auto``):
   (open_clip's distributed options), each rank on the fused kernels.
 - :func:`co_attention`: ViLBERT's co-attention (text queries over image keys and image queries over text
   keys, each with the other stream's key padding) in one launch, forward and backward.
+- :func:`patch` / :func:`unpatch`: swap the fused ops into timm, open_clip, Hugging Face, diffusers and ViLBERT
+  models in place, and back.
+- :mod:`vlops.models`: reference vision-language models built on the fused ops, and synthetic data.
 - :func:`use_backend`, :func:`available_backends`, :func:`show_config`.
 """
 from __future__ import annotations
@@ -28,8 +31,25 @@ from . import nn  # noqa: E402  (drop-in modules; imports nothing beyond torch)
 __all__ = [
     "__version__", "BACKENDS", "BackendUnavailableError", "use_backend", "requested_backend",
     "available_backends", "show_config", "DiffusionSchedule", "ddpm_step", "ddim_step", "clip_loss",
-    "siglip_loss", "zero_shot_classify", "patch_embed", "co_attention",
+    "siglip_loss", "zero_shot_classify", "patch_embed", "co_attention", "patch", "unpatch",
 ]
+
+
+def patch(obj):
+    """Swap every part of ``obj`` that vlops has a fused version of into it, in place, weights kept; returns a
+    report of what was replaced. ``obj``: a timm / open_clip / Hugging Face model, an open_clip loss, ViLBERT
+    code, a diffusers pipeline or scheduler, or any nn.Module holding such parts (the list and the details:
+    :mod:`vlops.integrations.patch`). Imports none of those libraries itself."""
+    from .integrations.patch import patch as patch_call
+
+    return patch_call(obj)
+
+
+def unpatch(obj):
+    """Undo :func:`patch` on ``obj``, in place; returns a report of what was restored."""
+    from .integrations.patch import unpatch as unpatch_call
+
+    return unpatch_call(obj)
 
 
 def co_attention(text_q, text_k, text_v, image_q, image_k, image_v, *, text_lengths=None, image_lengths=None,

@@ -89,6 +89,7 @@ class FusedDDIMScheduler(_ScheduleCache, DDIMScheduler):
              use_clipped_model_output: bool = False, generator: torch.Generator | None = None,
              variance_noise: torch.Tensor | None = None, return_dict: bool = True):
         self._check_ready()
+        use_clipped_model_output = bool(use_clipped_model_output)  # DDIMPipeline passes None, read as False
         if eta > 0 and variance_noise is not None and generator is not None:
             raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either `generator` "
                              "or `variance_noise` stays `None`.")
@@ -104,6 +105,7 @@ class FusedDDIMScheduler(_ScheduleCache, DDIMScheduler):
                     seed: int | None = None, return_dict: bool = True):
         """``step`` with the pipeline's guidance fused in (see FusedDDPMScheduler.guided_step)."""
         self._check_ready()
+        use_clipped_model_output = bool(use_clipped_model_output)
         prev, x0 = ddim_step(model_output, timestep, sample, self.vlops_schedule(), eta=eta,
                              use_clipped_model_output=use_clipped_model_output, guidance_scale=guidance_scale,
                              guidance_rescale=guidance_rescale, model_output_uncond=model_output_uncond,
