@@ -1,4 +1,11 @@
-"""Thin reference vision-language models built from vlops.nn, and the synthetic data they train on."""
-from . import synthetic
+"""Thin reference vision-language models built from vlops.nn, and the synthetic data they train on.
 
-__all__ = ["synthetic"]
+- :mod:`vlops.models.clip`: a CLIP (ViT image tower on the fused patch stem, causal text transformer) trained with
+  the fused CLIP, SigLIP or UniCL loss; zero-shot classification with the fused softmax.
+- :mod:`vlops.models.synthetic`: images of coloured shapes with captions, questions and answers, made in-process.
+
+Each model takes ``fused=True/False``: the fused ops, or eager PyTorch with the same parameters and results.
+"""
+from . import clip, synthetic
+
+__all__ = ["clip", "synthetic"]
