@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 
 #: case modules, in the order they run (``--ops`` selects among them)
-MODULES = ("diffusion", "contrastive", "patch_embed", "coattention")
+MODULES = ("diffusion", "contrastive", "patch_embed", "coattention", "e2e")
 
 PASSES = ("forward", "backward", "forward+backward")
 
