@@ -2,10 +2,12 @@
 
 - :mod:`vlops.models.clip`: a CLIP (ViT image tower on the fused patch stem, causal text transformer) trained with
   the fused CLIP, SigLIP or UniCL loss; zero-shot classification with the fused softmax.
+- :mod:`vlops.models.vilbert`: a two-stream ViLBERT with a VQA head (fused patch stem for the image regions, fused
+  co-attention blocks).
 - :mod:`vlops.models.synthetic`: images of coloured shapes with captions, questions and answers, made in-process.
 
 Each model takes ``fused=True/False``: the fused ops, or eager PyTorch with the same parameters and results.
 """
-from . import clip, synthetic
+from . import clip, synthetic, vilbert
 
-__all__ = ["clip", "synthetic"]
+__all__ = ["clip", "synthetic", "vilbert"]
