@@ -20,8 +20,8 @@ ops), so the ratios show what a user gets from one ``vlops.patch`` call, not the
 are the other cases). The training cases report pass "forward+backward" (an optimiser step included); the
 sampling loop "forward". ``check`` compares the first call's loss (training) or samples (sampling).
 
-Sizes: ``e2e`` (the default: batch 16 for the CLIP models, 8 for timm, 4 samples of 4 x 32 x 32 for the
-loop). Quick mode swaps the ViT-B models for tiny ones of the same code (2 layers, width 64, 64 x 64 images;
+Sizes: ``e2e`` (the default: batch 4 for the training steps, a few seconds each on a 2-core CPU; 4 samples of
+4 x 32 x 32 for the loop). Quick mode swaps the ViT-B models for tiny ones of the same code (2 layers, width 64, 64 x 64 images;
 cases ``*_tiny_train``), batch 4, and 2 samples and 4 steps for the loop (``diffusers_ddim4_cfg``). Every model is built with random weights (nothing
 is downloaded); a library that is not installed skips its case.
 """
@@ -207,9 +207,9 @@ def _ddim_loop(B, device, quick):
 
 
 _CASES = {  # name: (library, builder, batch, quick batch)
-    "open_clip_b32_train": ("open_clip", _open_clip, 16, 4),
-    "hf_clip_b32_train": ("transformers", _hf_clip, 16, 4),
-    "timm_vit_s16_train": ("timm", _timm, 8, 4),
+    "open_clip_b32_train": ("open_clip", _open_clip, 4, 4),
+    "hf_clip_b32_train": ("transformers", _hf_clip, 4, 4),
+    "timm_vit_s16_train": ("timm", _timm, 4, 4),
     "diffusers_ddim20_cfg": ("diffusers", _ddim_loop, 4, 2),
 }
 
