@@ -60,7 +60,8 @@ def _pair(model, extra=None):
     if extra is not None:
         fused_extra = copy.deepcopy(extra)
         report.append(str(vlops.patch(fused_extra)))
-    return model, fused, extra, fused_extra, "; ".join(r.split("\n", 1)[1].strip() for r in report if "\n" in r)
+    lines = [line.strip() for r in report for line in r.split("\n")[1:]]
+    return model, fused, extra, fused_extra, "; ".join(lines)
 
 
 def _train_case(name, label, size, B, device, build, step_fn, make):
@@ -177,7 +178,7 @@ def _ddim_loop(B, device, quick):
     fused_sched = copy.deepcopy(sched)
     import vlops
 
-    what = str(vlops.patch(fused_sched)).split("\n", 1)[1].strip()
+    what = "; ".join(line.strip() for line in str(vlops.patch(fused_sched)).split("\n")[1:])
 
     def make():
         g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
