@@ -24,6 +24,14 @@ def same_device(ref: torch.Tensor, ref_name: str, **others) -> None:
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; put them on one device")
 
 
+def positive_int(x, name: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if x < 1:
+        raise ValueError(f"{name} must be >= 1, got {x}")
+    return int(x)
+
+
 def real(x, name: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(x).__name__}")

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validate import positive_int
 from ..contrastive import zero_shot_classify
 from ..nn import ClipLoss, SigLipLoss, UniClLoss
 from ..reference import contrastive as reference
@@ -46,14 +47,6 @@ __all__ = ["CLIPConfig", "CLIP", "LOSSES"]
 
 #: the loss kinds of :class:`CLIPConfig`
 LOSSES = ("clip", "siglip", "unicl")
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"CLIPConfig.{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"CLIPConfig.{name} must be >= 1, got {value}")
-    return int(value)
 
 
 def _finite(value, name: str) -> float:
@@ -99,7 +92,7 @@ class CLIPConfig:
     def __post_init__(self):
         for name in ("image_size", "patch_size", "width", "layers", "heads", "vocab_size", "context_length",
                      "text_width", "text_layers", "text_heads", "embed_dim"):
-            setattr(self, name, _positive_int(getattr(self, name), name))
+            setattr(self, name, positive_int(getattr(self, name), f"CLIPConfig.{name}"))
         if self.image_size % self.patch_size:
             raise ValueError(f"CLIPConfig.image_size must be a multiple of patch_size={self.patch_size}, "
                              f"got {self.image_size}")

@@ -41,18 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import diffusion as _diffusion
+from .._validate import positive_int
 from ..reference import diffusion as _ref
 from . import synthetic
 
 __all__ = ["GLIDE", "TextEncoder", "UNet", "timestep_embedding", "read_colour_and_place"]
 
 SAMPLERS = ("ddim", "ddpm")
-
-
-def _positive_int(x, name: str) -> int:
-    if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-        raise ValueError(f"{name} must be a positive int, got {x!r}")
-    return x
 
 
 def _real(x, name: str, lo: float, hi: float, hi_open: bool = False) -> float:
@@ -299,7 +294,7 @@ class GLIDE(nn.Module):
                         ("num_res_blocks", num_res_blocks), ("num_heads", num_heads), ("vocab_size", vocab_size),
                         ("text_ctx", text_ctx), ("text_width", text_width), ("text_layers", text_layers),
                         ("text_heads", text_heads), ("num_train_timesteps", num_train_timesteps)):
-            _positive_int(v, name)
+            positive_int(v, name)
         if vocab_size <= synthetic.EOS:
             raise ValueError(f"vocab_size must exceed the EOS id {synthetic.EOS}, got {vocab_size}")
         if text_ctx < 2:
